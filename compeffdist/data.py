@@ -25,7 +25,7 @@ from .core import CompeffdistError, DataConfig, SourceConfig, StageStats
 # %% auto #0
 __all__ = ['SENTIBENCH', 'SENTIBENCH_URL', 'SentiBenchDataset', 'sentibench_dataset', 'sentibench_root', 'load_sentibench',
            'download_sentibench', 'normalise_for_match', 'clean_text', 'cut_text', 'text_id', 'sentibench_test_index',
-           'load_user_texts', 'sentibench_cli']
+           'load_user_texts', 'run_texts', 'sentibench_cli']
 
 # %% ../nbs/03_data.ipynb #62ad75df
 @dataclass(frozen=True)
@@ -237,6 +237,16 @@ def load_user_texts(cfg: DataConfig, root: str | os.PathLike | None = None,
     if not kept:
         raise CompeffdistError("no user texts left after cleaning (check data.sources and data.min_chars)")
     return kept
+
+# %% ../nbs/03_data.ipynb #07f1e3b8
+def run_texts(ctx) -> StageStats:
+    "Stage `texts`: load, clean, deduplicate and decontaminate the user texts of `ctx.cfg.data`."
+    stats = StageStats()
+    root = ctx.sentibench if (ctx.cfg.data.decontaminate or any(s.type == "sentibench" for s in ctx.cfg.data.sources)) else None
+    texts = load_user_texts(ctx.cfg.data, root=root, stats=stats)
+    from compeffdist.core import write_jsonl
+    write_jsonl(ctx.store.path("texts", "texts.jsonl"), texts)
+    return stats
 
 # %% ../nbs/03_data.ipynb #63a74623
 def sentibench_cli(argv: list[str] | None = None) -> int:
