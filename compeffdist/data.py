@@ -17,6 +17,7 @@ import tempfile
 import unicodedata
 import urllib.request
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
