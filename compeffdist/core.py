@@ -217,6 +217,9 @@ class ProxyConfig(Section):
     learning_rate: float = 2e-5
     batch_size: int = 8
     max_length: int = 512
+    eval_fraction: float = Field(0.2, gt=0, lt=1)  # of the directly scored subset, held out to measure the proxy
+    target: Literal["raw", "rank"] = "rank"  # regress the raw score or its percentile rank (mapped back to scores)
+    finetune: bool = False  # False: frozen LM + ridge head; True: then fine-tune end to end (epochs, learning_rate)
 
 
 class DifficultyConfig(Section):
@@ -226,6 +229,7 @@ class DifficultyConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
+    dtype: str = "float32"  # scoring precision (the reference scores in float32; bf16 logits tie often)
     proxy: ProxyConfig = ProxyConfig()
 
 
