@@ -44,8 +44,8 @@ class Stage:
         return f"run_{self.name}"
 
     def uses_teacher(self, cfg: Config) -> bool:
-        "Whether the stage calls the teacher under `cfg`."
-        return self.teacher or (self.name == "evaluation" and "teacher" in cfg.evaluation.models)
+        "Whether the stage calls the run's teacher (`ctx.teacher`) under `cfg`."
+        return self.teacher  # evaluation opens the models it scores itself
 
     def uses_sentibench(self, cfg: Config) -> bool:
         "Whether the stage reads the SentiBench folder under `cfg`."
@@ -290,7 +290,6 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
         ctx = RunContext(cfg, store, teacher=teacher, embedder=embedder, progress=progress)
         if any(s.stage.uses_sentibench(cfg) for s in todo):
             ctx.sentibench  # a clear error now, not after an hour of teacher calls
-        write_run_files(store, cfg)
         for s in todo:
             if s.reason == "forced":
                 store.invalidate(s.name)
@@ -311,12 +310,15 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
                 except BaseException as e:
                     _log(store, f"{where} failed: {type(e).__name__}: {e}", None)
                     raise
+                write_run_files(store, cfg)  # the config the finished stages belong to (not before: a run that
+                # fails in its first stage leaves the folder describing its previous config)
                 _log(store, f"{where} done in {step.manifest['seconds']:.1f}s{_teacher_line(step.manifest)}", echo)
                 later = [s for s in todo if STAGE_NAMES.index(s.name) > STAGE_NAMES.index(step.name)]
                 if teacher is None and _teacher(ctx) and not any(s.stage.uses_teacher(cfg) for s in later):
                     _teacher(ctx).close(); ctx._teacher = None  # free its memory for the student
         finally:
             ctx.close()
+        write_run_files(store, cfg)
         if report:
             from compeffdist.report import write_report
             path = write_report(store.root)
