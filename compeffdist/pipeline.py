@@ -227,7 +227,8 @@ def run_stage(ctx: RunContext, step: Step, fn: Callable) -> dict:
     if (t := _teacher(ctx)) is not None:
         calls = t.reset_stats()
         if calls.hits + calls.misses + calls.errors:
-            stats.info["teacher"] = {**calls.to_dict(), "model": t.identity, "cache_rows": len(t.cache)}
+            own = stats.info.get("teacher") if isinstance(stats.info.get("teacher"), dict) else {}
+            stats.info["teacher"] = {**own, **calls.to_dict(), "model": t.identity, "cache_rows": len(t.cache)}
     files = stage_outputs(ctx.store.path(s.name))
     stats.info["files"] = files
     config = {"sections": stage_config(ctx.cfg, s),
