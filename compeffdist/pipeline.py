@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from .engines import CachedEngine, RunContext
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'ALIASES', 'Stage', 'get_stage', 'stage_function', 'stage_config', 'fingerprints', 'Step',
            'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'run_stage', 'run_lock', 'write_run_files',
-           'run_pipeline', 'demo_config_path', 'run_cli', 'demo_cli']
+           'run_pipeline', 'ReplayEngine', 'demo_config_path', 'run_cli', 'demo_cli']
 
 # %% ../nbs/19_pipeline.ipynb #f048269c
 @dataclass(frozen=True)
@@ -325,6 +326,59 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
             path = write_report(store.root)
             _log(store, f"report: {path} (HTML: {path.with_name('report.html')})", echo)
     return steps
+
+# %% ../nbs/19_pipeline.ipynb #fe3d3aa4
+from .engines import Engine, Generation
+
+
+def _request_text(messages) -> str:
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+class ReplayEngine(Engine):
+    "Answers from recorded teacher calls: the exact request if recorded, else the most similar recorded one."
+    name = "replay"
+
+    def __init__(self, calls: list[dict], identity: str = "replay"):
+        from compeffdist.models import ModelRef
+        if not calls:
+            raise CompeffdistError("ReplayEngine: no recorded calls")
+        self.calls = calls  # {"messages", "constraint", "generations": [{text, prompt_tokens, ...}]}
+        self.ref = ModelRef(identity, "replay", identity, identity)
+        self._exact = {(_request_text(c["messages"]), json.dumps(c.get("constraint"), sort_keys=True)): c
+                       for c in calls}
+        self.exact = self.nearest = 0
+
+    @classmethod
+    def from_cache(cls, path: str | os.PathLike, model: str | None = None) -> "ReplayEngine":
+        "Recorded calls of a SQLite call cache (of one `model` identity, or all)."
+        import sqlite3
+        path = Path(path)
+        if not path.is_file():
+            raise CompeffdistError(f"{path}: call cache not found")
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT model, request, response FROM calls ORDER BY created").fetchall()
+        finally:
+            db.close()
+        calls = [{**json.loads(req), "generations": json.loads(resp)} for m, req, resp in rows
+                 if model is None or m == model]
+        return cls(calls, identity=f"replay-of-{model or path.stem}")
+
+    def _answer(self, messages, constraint) -> dict:
+        text, cons = _request_text(messages), json.dumps(constraint.to_dict() if constraint else None, sort_keys=True)
+        if (c := self._exact.get((text, cons))) is not None:
+            self.exact += 1
+            return c
+        self.nearest += 1
+        pool = [c for c in self.calls if json.dumps(c.get("constraint"), sort_keys=True) == cons] or self.calls
+        return max(pool, key=lambda c: len(os.path.commonprefix([text, _request_text(c["messages"])])))
+
+    def generate_iter(self, batch, params, constraint=None):
+        for i, m in enumerate(batch):
+            gens = self._answer(m, constraint)["generations"]
+            yield i, [Generation(**{k: v for k, v in gens[j % len(gens)].items() if k != "cached"})
+                      for j in range(params.n)]
 
 # %% ../nbs/19_pipeline.ipynb #87a66e00
 def demo_config_path() -> Path:
