@@ -27,7 +27,7 @@ from .engines import CachedEngine, RunContext
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'ALIASES', 'Stage', 'get_stage', 'stage_function', 'stage_config', 'fingerprints', 'Step',
            'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'run_stage', 'run_lock', 'write_run_files',
-           'run_pipeline', 'ReplayEngine', 'demo_config_path', 'run_cli', 'demo_cli']
+           'run_pipeline', 'ReplayEngine', 'make_tiny_student', 'demo_config_path', 'run_cli', 'demo_cli']
 
 # %% ../nbs/19_pipeline.ipynb #f048269c
 @dataclass(frozen=True)
@@ -379,6 +379,26 @@ class ReplayEngine(Engine):
             gens = self._answer(m, constraint)["generations"]
             yield i, [Generation(**{k: v for k, v in gens[j % len(gens)].items() if k != "cached"})
                       for j in range(params.n)]
+
+# %% ../nbs/19_pipeline.ipynb #ce2a41cd
+def make_tiny_student(dest: str | os.PathLike, like: str = "smollm2-135m-instruct", hidden: int = 64,
+                      layers: int = 2, seed: int = 0) -> Path:
+    "Write a random tiny Llama with the tokenizer (and chat template) of `like` to `dest`; returns `dest`."
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from compeffdist.models import load_tokenizer
+    dest = Path(dest)
+    if (dest / "config.json").is_file():
+        return dest
+    tok = load_tokenizer(like)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
 
 # %% ../nbs/19_pipeline.ipynb #87a66e00
 def demo_config_path() -> Path:
