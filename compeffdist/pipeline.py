@@ -27,7 +27,8 @@ from .engines import CachedEngine, RunContext
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'ALIASES', 'Stage', 'get_stage', 'stage_function', 'stage_config', 'fingerprints', 'Step',
            'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'run_stage', 'run_lock', 'write_run_files',
-           'run_pipeline', 'ReplayEngine', 'make_tiny_student', 'demo_config_path', 'run_cli', 'demo_cli']
+           'run_pipeline', 'ReplayEngine', 'record_calls', 'make_tiny_student', 'demo_config_path', 'run_cli',
+           'demo_cli']
 
 # %% ../nbs/19_pipeline.ipynb #f048269c
 @dataclass(frozen=True)
@@ -365,6 +366,12 @@ class ReplayEngine(Engine):
                  if model is None or m == model]
         return cls(calls, identity=f"replay-of-{model or path.stem}")
 
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike, identity: str | None = None) -> "ReplayEngine":
+        "Recorded calls written by `record_calls`."
+        from compeffdist.core import read_jsonl
+        return cls(read_jsonl(path), identity=identity or f"replay-of-{Path(path).stem}")
+
     def _answer(self, messages, constraint) -> dict:
         text, cons = _request_text(messages), json.dumps(constraint.to_dict() if constraint else None, sort_keys=True)
         if (c := self._exact.get((text, cons))) is not None:
@@ -379,6 +386,12 @@ class ReplayEngine(Engine):
             gens = self._answer(m, constraint)["generations"]
             yield i, [Generation(**{k: v for k, v in gens[j % len(gens)].items() if k != "cached"})
                       for j in range(params.n)]
+
+def record_calls(cache: str | os.PathLike, dest: str | os.PathLike, model: str | None = None) -> int:
+    "Write the calls of a call cache (of one `model` identity, or all) as JSON lines for `ReplayEngine.from_jsonl`."
+    from compeffdist.core import write_jsonl
+    calls = ReplayEngine.from_cache(cache, model).calls
+    return write_jsonl(dest, [{k: c.get(k) for k in ("messages", "params", "constraint", "generations")} for c in calls])
 
 # %% ../nbs/19_pipeline.ipynb #ce2a41cd
 def make_tiny_student(dest: str | os.PathLike, like: str = "smollm2-135m-instruct", hidden: int = 64,
