@@ -83,7 +83,7 @@ def flow_rows(run: dict) -> list[list]:
         stats = (m or {}).get("stats", {})
         secs = m.get("seconds") if m else None
         rows.append([name, st["status"], "-" if secs is None else f"{secs:.1f}",
-                     "-" if n_in is None else n_in, "-" if n_out is None or not m else n_out,
+                     "-" if n_in is None or not m else n_in, "-" if n_out is None or not m else n_out,
                      _fmt_counter(stats.get("counts", {})), _fmt_counter(stats.get("drops", {}))])
     return rows
 
