@@ -137,14 +137,19 @@ def model_rows(run: dict) -> list[list]:
     return rows
 
 
-def card_rows(run: dict, stage: str) -> list[list]:
-    "The scalar fields of a training stage's `card.json`."
-    p = run["root"] / stage / "card.json"
-    if not p.is_file():
-        return []
-    try: card = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError): return []
-    return [[k, v] for k, v in card.items() if isinstance(v, (str, int, float, bool)) or v is None]
+def _card(root: Path, stage: str) -> dict:
+    p = root / stage / "card.json"
+    try: card = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError): card = {}
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in card.items()
+            if isinstance(v, (str, int, float, bool)) or v is None} if isinstance(card, dict) else {}
+
+
+def card_rows(run: dict, stages: tuple[str, ...] = ("warmup", "training")) -> list[list]:
+    "The scalar fields of the training stages' `card.json`, one column per stage."
+    cards = [_card(run["root"], s) for s in stages]
+    keys = list(dict.fromkeys(k for c in cards for k in c))
+    return [[k] + [c.get(k, "") for c in cards] for k in keys]
 
 
 def artefact_rows(run: dict) -> list[list]:
@@ -281,9 +286,8 @@ def build_report(root: str | Path) -> list:
                                     ["seed", c.get("run", {}).get("seed")],
                                     ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())]]),
                ("h", 2, "Models"), ("table", ["role", "model", "engine"], model_rows(run))]
-    for stage, title in (("warmup", "Warm-up student"), ("training", "Distilled student")):
-        if rows := card_rows(run, stage):
-            b += [("h", 3, title), ("table", ["", ""], rows)]
+    if rows := card_rows(run):
+        b += [("h", 3, "Students trained in this run"), ("table", ["", "warm-up student", "distilled student"], rows)]
     b += [("h", 2, "Data flow"),
           ("p", "Records in are the upstream stage's main artefact, records out the stage's own; drops are "
                 "counted by reason by the stage itself. A *stale* stage finished under another config."),
@@ -360,7 +364,8 @@ def to_markdown(blocks: list) -> str:
 def _inline(text) -> str:
     t = html.escape(str(text))
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", t)
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
@@ -380,8 +385,9 @@ def to_html(blocks: list, root: str | Path) -> str:
         elif kind == "p": body.append(f"<p>{_inline(b[1])}</p>")
         elif kind == "table":
             head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
+            head = f"<thead><tr>{head}</tr></thead>" if any(str(h) for h in b[1]) else ""
             rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>" for r in b[2])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            body.append(f"<table>{head}<tbody>{rows}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode((root / b[1]).read_bytes()).decode()
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b[2])}">'
