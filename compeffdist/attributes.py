@@ -404,7 +404,9 @@ def example_config(root=None, n_texts: int = 24):
     root = Path(root) if root is not None else Path.cwd()
     return parse_config({
         "run": {"name": "nb-instructions", "out": str(root / "runs" / "nb-instructions")},
-        "teacher": {"model": "qwen2.5-coder-1.5b-instruct", "engine": "llamacpp", "context_length": 4096},
+        # one thread: on a small CPU shared with other jobs, llama.cpp's spinning threads made 2 threads ~8x slower
+        "teacher": {"model": "qwen2.5-coder-1.5b-instruct", "engine": "llamacpp", "context_length": 4096,
+                    "n_threads": 1},
         "student": {"model": "smollm2-135m-instruct", "engine": "hf"},
         "data": {"sources": [{"type": "sentibench", "split": "train",
                               "datasets": ["sc/yelp2", "sc/sst2", "sc/twitter", "sc/imdb"]}],
