@@ -148,7 +148,8 @@ class InstructionsConfig(Section):
     tasks_decoding: DecodingConfig = DecodingConfig(temperature=0.7, max_new_tokens=1536)
     rewrite_decoding: DecodingConfig = DecodingConfig(temperature=0.7, max_new_tokens=2048)
     demos_decoding: DecodingConfig = DecodingConfig(temperature=1.0, max_new_tokens=768)
-    max_tasks_per_cluster: int | None = None
+    analysis_per_cluster: int = Field(5, ge=1)  # analysis prompts asked of the teacher per cluster
+    max_tasks_per_cluster: int | None = None  # tasks asked per cluster (None: 6) and kept at most
     min_examples: int = Field(8, ge=1)  # asked of the rewrite
     max_seed_demos: int = Field(7, ge=0)
     demo_prompts_per_task: int = Field(16, ge=0)
