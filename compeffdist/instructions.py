@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -305,7 +306,7 @@ def _num(v):
     if isinstance(v, bool): return None
     if isinstance(v, (int, float)): return float(v)
     if isinstance(v, str):
-        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?\s*\.?\s*", v)
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(?:/\s*\d+)?\s*\.?\s*", v)
         return float(m.group(1)) if m else None
     return None
 
