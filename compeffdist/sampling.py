@@ -81,6 +81,8 @@ def select(values: Sequence[float], groups: Sequence, rate: float, method: str =
     if method not in ("soft", "hard", "random"):
         raise CompeffdistError(f"unknown sampling method '{method}' (soft, hard or random)")
     exponent_for_rate(rate)
+    if not 0 < a <= 1:
+        raise CompeffdistError(f"the peak a must be in (0, 1], got {a}")
     rng = random.Random(seed)
     by = defaultdict(list)
     for i, g in enumerate(groups): by[g].append(i)
@@ -158,6 +160,9 @@ def sample_cli(argv: list[str] | None = None) -> int:
     records = read_jsonl(a.input)
     stats = StageStats()
     kept = sample_records(records, a.rate, a.method, a.group, a.a, a.seed, a.key, stats)
+    if records and stats.drops.get(f"no_{a.key}", 0) + stats.drops.get("not_a_record", 0) == len(records):
+        raise CompeffdistError(f"{a.input}: no record has a '{a.key}' difficulty (difficulty.{a.key}, {a.key} "
+                               f"or result.{a.key}); check --key")
     write_jsonl(a.output, kept)
     skipped = ", ".join(f"{k} {v}" for k, v in stats.drops.items())
     print(f"kept {len(kept)}/{len(records)} records ({a.method}, {a.group}, rate {a.rate}, a {a.a}, seed {a.seed}, "
