@@ -1,0 +1,114 @@
+"""`compeffdist eval` and `compeffdist eval score`: a real SmolLM2 run, re-scoring its predictions, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compeffdist.cli import main
+
+BIN = Path(sys.executable).parent / "compeffdist"
+
+
+def _eval(out, datasets, limit, extra=()):
+    return main(["eval", "--model", "smollm2-135m-instruct", "--datasets", datasets, "--seeds", "42",
+                 "--limit", str(limit), "--max-chars", "600", "--batch-size", "8", "--out", str(out), *extra])
+
+
+def _check_run(out, datasets, limit, capsys):
+    res = json.loads((out / "smollm2-135m-instruct.json").read_text())
+    assert set(res["datasets"]) == set(datasets)
+    assert res["protocol"] == {"shots": 4, "seeds": [42], "limit": limit, "max_chars": 600, "fixed": False}
+    for name, entry in res["datasets"].items():
+        m = entry["seeds"]["42"]
+        assert m["n"] == limit and 0 <= m["f1"] <= 1
+        assert entry["score"] == pytest.approx(100 * m["f1"])
+        pred = out / "predictions" / "smollm2-135m-instruct" / f"{name.replace('/', '_')}.seed42.jsonl"
+        lines = pred.read_text().splitlines()
+        assert len(lines) == limit and all("prediction" in json.loads(l) for l in lines)
+        if entry["family"] != "FSA":
+            assert 0 <= m["top1_in_verbalizer"] <= 1
+        # the predictions file re-scores to the same number
+        capsys.readouterr()
+        assert main(["eval", "score", "--dataset", name, "--predictions", str(pred), "--limit", str(limit),
+                     "--max-chars", "600"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["f1"] == pytest.approx(m["f1"]) and printed["dataset"] == name
+    assert res["mean"] == pytest.approx(sum(e["score"] for e in res["datasets"].values()) / len(datasets))
+    table = (out / "table.md").read_text()
+    assert "| smollm2-135m-instruct |" in table and f"{res['mean']:.1f}" in table
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.sentibench
+def test_eval_smollm2_one_dataset_per_family(sentibench_root, tmp_path, capsys):
+    datasets = ["sc/sst2", "multifaced/pstance", "absa/acsa_rest16"]
+    assert _eval(tmp_path, ",".join(datasets), 2) == 0
+    _check_run(tmp_path, datasets, 2, capsys)
+    # a second run with the same protocol reuses the finished entries (resume) and keeps the results
+    before = (tmp_path / "smollm2-135m-instruct.json").read_text()
+    assert _eval(tmp_path, ",".join(datasets), 2) == 0
+    assert json.loads((tmp_path / "smollm2-135m-instruct.json").read_text()) == json.loads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.sentibench
+def test_eval_smollm2_all_12_datasets(sentibench_root, tmp_path, capsys):
+    from compeffdist.data import SENTIBENCH
+    env = {**os.environ, "COMPEFFDIST_SENTIBENCH": str(sentibench_root)}
+    r = subprocess.run([str(BIN), "eval", "--model", "smollm2-135m-instruct", "--seeds", "42", "--limit", "10",
+                        "--max-chars", "600", "--out", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_run(tmp_path, list(SENTIBENCH), 10, capsys)
+
+
+def _error(capsys, argv):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+@pytest.mark.sentibench
+def test_unknown_dataset(sentibench_root, capsys):
+    rc, err = _error(capsys, ["eval", "--model", "smollm2-135m-instruct", "--datasets", "sst2,sst5", "--out", "/tmp/x"])
+    assert rc == 2 and len(err) == 1 and "unknown SentiBench dataset 'sst5'" in err[0]
+    rc, err = _error(capsys, ["eval", "score", "--dataset", "sc/sst5", "--predictions", "/tmp/p.jsonl"])
+    assert rc == 2 and len(err) == 1 and "unknown SentiBench dataset" in err[0]
+
+
+def test_missing_sentibench_folder(tmp_path, capsys):
+    rc, err = _error(capsys, ["eval", "--model", "smollm2-135m-instruct", "--sentibench", str(tmp_path / "nope"),
+                              "--out", str(tmp_path)])
+    assert rc == 2 and len(err) == 1 and "SentiBench folder not found" in err[0]
+
+
+@pytest.mark.sentibench
+def test_predictions_with_the_wrong_number_of_lines(sentibench_root, tmp_path):
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("\n".join(json.dumps({"prediction": "positive"}) for _ in range(5)) + "\n")
+    env = {**os.environ, "COMPEFFDIST_SENTIBENCH": str(sentibench_root)}
+    r = subprocess.run([str(BIN), "eval", "score", "--dataset", "sc/sst2", "--predictions", str(pred)],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "5 predictions, but sc/sst2 has 1821 test examples" in err[0]
+    # with --limit 5 the same file is complete
+    r = subprocess.run([str(BIN), "eval", "score", "--dataset", "sc/sst2", "--predictions", str(pred), "--limit", "5"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["metric"] == "macro_f1"
+
+
+@pytest.mark.sentibench
+def test_malformed_predictions(sentibench_root, tmp_path, capsys):
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"prediction": "positive"}\n{"label": "negative"}\n')
+    rc, err = _error(capsys, ["eval", "score", "--dataset", "sc/sst2", "--predictions", str(pred), "--limit", "2"])
+    assert rc == 2 and len(err) == 1 and "record 2" in err[0]
+    pred.write_text('{"prediction": "positive"}\nnot json\n')
+    rc, err = _error(capsys, ["eval", "score", "--dataset", "sc/sst2", "--predictions", str(pred), "--limit", "2"])
+    assert rc == 2 and len(err) == 1 and "not valid JSON" in err[0]
+    rc, err = _error(capsys, ["eval", "score", "--dataset", "sc/sst2", "--predictions", str(tmp_path / "none.jsonl")])
+    assert rc == 2 and len(err) == 1 and "file not found" in err[0]

@@ -1,0 +1,115 @@
+"""Student fine-tuning: chat rendering with completion-only loss, a real SmolLM2 SFT on CPU, the stages, the CLI."""
+import json
+
+import pytest
+
+from compeffdist.cli import main
+from compeffdist.core import CompeffdistError, ModelConfig, RunStore, TrainingConfig, load_config, write_jsonl
+from compeffdist.models import load_causal_lm, load_tokenizer
+from compeffdist.training import (completion_loss, load_records, render_chat, run_training, run_warmup,
+                                  tokenize_records, train_student)
+
+STUDENT = ModelConfig(model="smollm2-135m-instruct", device="cpu", dtype="float32")
+WORDS = ["great", "awful", "fine", "boring", "lovely", "dull", "superb", "bad"]
+
+
+def records(n):
+    "Short instruction/output pairs with a learnable rule (the answer is the first word of the input)."
+    return [{"id": f"s{i}", "instruction": f"Repeat the first word of the input.\n\nInput: {WORDS[i % 8]} movie {i}",
+             "output": WORDS[i % 8]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m-instruct", padding_side="right")
+
+
+def test_chat_rendering_and_completion_mask(tok):
+    prompt, completion = render_chat(tok, "Say hi.", "hi there")
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert completion.startswith("hi there") and tok.eos_token in completion  # the end-of-turn marker is learnt
+    rows, info = tokenize_records(tok, [{"instruction": "Say hi.", "output": "hi there"}], 512)
+    ids, mask = rows[0]["input_ids"], rows[0]["completion_mask"]
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == completion
+    assert tok.decode([t for t, m in zip(ids, mask) if not m]) == prompt
+    assert info["completion_tokens"] == sum(mask) and info["trained_samples"] == 1
+
+
+def test_truncation_and_too_long_records(tok):
+    long = {"instruction": "word " * 300, "output": "ok"}
+    short = {"instruction": "Say hi.", "output": "hi " * 100}
+    rows, info = tokenize_records(tok, [long, short], 64)
+    assert info["dropped_too_long"] == 1 and info["truncated"] == 2 and len(rows) == 1
+    assert len(rows[0]["input_ids"]) == 64
+    with pytest.raises(CompeffdistError, match="no training record fits"):
+        tokenize_records(tok, [long], 64)
+
+
+def test_bad_training_data(tmp_path):
+    with pytest.raises(CompeffdistError, match="record 2 needs"):
+        load_records([{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    with pytest.raises(CompeffdistError, match="no training records"):
+        load_records([])
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    with pytest.raises(CompeffdistError, match=r"d.jsonl:2: not valid JSON"):
+        load_records(p)
+
+
+def test_sft_lowers_the_loss_and_gives_a_loadable_model(tmp_path):
+    data = records(48)
+    before = completion_loss("smollm2-135m-instruct", data)
+    cfg = TrainingConfig(epochs=1, learning_rate=2e-4, per_device_batch_size=8, gradient_accumulation_steps=1,
+                         max_length=96, packing=False, gradient_checkpointing=False, logging_steps=1)
+    card = train_student("smollm2-135m-instruct", data, tmp_path / "model", cfg, STUDENT, progress=False)
+    after = completion_loss(str(tmp_path / "model"), data)
+    assert after < 0.7 * before, (before, after)
+    assert card["steps"] == 6 and card["data"]["samples"] == 48 and card["method"] == "full"
+    assert card["final_loss"] == card["loss_history"][-1]["loss"] and len(card["loss_history"]) == 6
+    assert card["config"]["learning_rate"] == 1e-4 and card["effective_batch"] == 8
+    assert json.loads((tmp_path / "model" / "card.json").read_text())["data"]["hash"] == card["data"]["hash"]
+    model, tok = load_causal_lm(str(tmp_path / "model"), dtype="float32", device="cpu")
+    prompt, _ = render_chat(tok, data[1]["instruction"], "")
+    out = model.generate(**tok(prompt, return_tensors="pt", add_special_tokens=False), max_new_tokens=4, do_sample=False)
+    assert isinstance(tok.decode(out[0]), str)
+    assert not (tmp_path / "model.partial").exists()
+
+
+def _ctx(tmp_path, **training):
+    from compeffdist.engines import RunContext
+    cfg = load_config("configs/demo.yaml", {"run.out": str(tmp_path / "run"), "warmup.fraction": 0.5,
+                                            "warmup.training.max_steps": 1, "training.max_steps": 1,
+                                            "student.device": "cpu"})
+    return RunContext(cfg, RunStore(cfg.run.out), progress=False)
+
+
+def test_warmup_and_training_stages(tmp_path):
+    ctx = _ctx(tmp_path)
+    data = records(10)
+    data[3]["verification"] = {"ok": False, "reasons": ["bad"]}
+    write_jsonl(ctx.store.path("responses", "samples.jsonl"), data)
+    stats = run_warmup(ctx)
+    card = json.loads((ctx.store.root / "warmup" / "card.json").read_text())
+    assert stats.drops["verification_failed"] == 1 and stats.counts["samples_trained"] == 4  # round(0.5 * 9)
+    assert len(card["sample_ids"]) == 4 and "s3" not in card["sample_ids"] and card["steps"] == 1
+    assert (ctx.store.root / "warmup" / "model" / "config.json").is_file()
+    write_jsonl(ctx.store.path("sampling", "kept.jsonl"), data[:6])
+    stats = run_training(ctx)
+    assert stats.counts["samples_trained"] == 6
+    assert (ctx.store.root / "training" / "model" / "model.safetensors").is_file()
+    assert json.loads((ctx.store.root / "training" / "card.json").read_text())["data"]["samples"] == 6
+
+
+def test_train_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert main(["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "m")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher: {{model: qwen2.5-coder-1.5b-instruct}}\nstudent: {{model: smollm2-135m-instruct}}\n"
+                   f"run: {{out: {tmp_path / 'run'}}}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sampling/kept.jsonl not found" in err[0]
+    assert main(["train", "--config", str(cfg), "--data", str(tmp_path / "x.jsonl"), "--out", "o", "--lr", "-1"]) == 2
