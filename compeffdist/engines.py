@@ -446,8 +446,12 @@ class LlamaCppEngine(Engine):
             raise CompeffdistError(f"the llamacpp engine needs a .gguf model, got '{model}' ({self.ref.kind})")
         self._llama_cpp = llama_cpp
         n_threads = n_threads or os.cpu_count()  # llama.cpp's own default is half the cores
-        self.llm = llama_cpp.Llama(model_path=self.ref.location, n_ctx=context_length, n_threads=n_threads,
-                                   n_threads_batch=n_threads, verbose=False, **kw)
+        try:
+            self.llm = llama_cpp.Llama(model_path=self.ref.location, n_ctx=context_length, n_threads=n_threads,
+                                       n_threads_batch=n_threads, verbose=False, **kw)
+        except ValueError as e:  # llama.cpp says only "Failed to load model from file"
+            raise CompeffdistError(f"{self.ref.location}: llama.cpp cannot load this model ({e}); "
+                                   "is it a complete GGUF file of an architecture llama.cpp supports?") from None
 
     def _grammar_kwargs(self, constraint):
         if constraint is None:
@@ -469,7 +473,7 @@ class LlamaCppEngine(Engine):
                         max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
                         seed=params.seed + r, **extra)
                 except ValueError as e:  # e.g. the prompt does not fit the context
-                    gens.append(Generation("", 0, 0, "error")); print(f"llamacpp: request {i}: {e}")
+                    gens.append(Generation("", 0, 0, "error")); print(f"llamacpp: request {i}: {e}", file=sys.stderr)
                     continue
                 ch, use = out["choices"][0], out["usage"]
                 gens.append(Generation(ch["message"]["content"] or "", use["prompt_tokens"], use["completion_tokens"],

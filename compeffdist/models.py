@@ -132,6 +132,9 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
         return ModelRef(spec, kind, str(path), f"{spec}@{_fingerprint(path)}", hub_id)
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CompeffdistError(f"model file {spec} is not a GGUF file (it does not start with 'GGUF')")
         return ModelRef(spec, "gguf", str(p.resolve()), f"{p.name}@{_fingerprint(p)}")
     if p.is_dir():
         return ModelRef(spec, "dir", str(p.resolve()), f"{p.resolve().name}@{_fingerprint(p)}")
@@ -156,8 +159,13 @@ def hf_model_path(ref: ModelRef, dtype: str = "float32") -> str:
     if (out / "config.json").is_file():
         return str(out)
     src, fname = str(Path(ref.location).parent), Path(ref.location).name
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=getattr(torch, dtype))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=getattr(torch, dtype))
+    except Exception as e:  # a truncated file, an architecture transformers cannot read from GGUF, ...
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise CompeffdistError(f"{ref.location}: transformers cannot load this GGUF file ({msg}); "
+                               "try the llamacpp engine") from None
     # the weights are already dequantised; drop the GGUF marker so the model saves as plain safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
