@@ -112,3 +112,22 @@ def test_malformed_predictions(sentibench_root, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "not valid JSON" in err[0]
     rc, err = _error(capsys, ["eval", "score", "--dataset", "sc/sst2", "--predictions", str(tmp_path / "none.jsonl")])
     assert rc == 2 and len(err) == 1 and "file not found" in err[0]
+
+
+@pytest.mark.sentibench
+def test_evaluation_stage(sentibench_root, tmp_path):
+    from compeffdist.core import CompeffdistError, RunStore, load_config
+    from compeffdist.engines import RunContext
+    from compeffdist.sentibench import run_evaluation
+    cfg = load_config("configs/demo.yaml", {"run.out": str(tmp_path), "data.sentibench": str(sentibench_root),
+                                            "evaluation.datasets": ["sc/sst2"], "evaluation.limit": 2,
+                                            "evaluation.models": ["base_student", "student"]})
+    ctx = RunContext(cfg, RunStore(cfg.run.out), progress=False)
+    with pytest.raises(CompeffdistError, match="run the training stage first"):
+        run_evaluation(ctx)
+    ctx.cfg.evaluation.models = ["base_student"]
+    stats = run_evaluation(ctx)
+    res = json.loads((tmp_path / "evaluation" / "base_student.json").read_text())
+    assert res["model"] == "smollm2-135m-instruct" and res["protocol"]["limit"] == 2
+    assert stats.info["base_student_mean"] == pytest.approx(round(res["mean"], 2))
+    assert (tmp_path / "evaluation" / "table.md").is_file() and (tmp_path / "evaluation" / "scores.png").is_file()

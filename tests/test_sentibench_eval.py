@@ -112,8 +112,8 @@ def test_batched_scoring_equals_one_at_a_time(sentibench_root, smol):
 def test_early_stopped_generation_gives_the_full_runs_answer(sentibench_root, smol):
     ex = build_examples("absa/atsa_rest16", shots=2, seed=42, limit=2)
     prompts = [e.prompt for e in ex]
-    full = smol.generate(prompts, 80)
-    early = smol.generate(prompts, 80, done=lambda p, c: answer_complete(p, c, 2))
+    full = smol.generate(prompts, 60)
+    early = smol.generate(prompts, 60, done=lambda p, c: answer_complete(p, c, 2))
     for p, f, e in zip(prompts, full, early):
         assert f.startswith(e)
         assert extract_answer(p, e, 2) == extract_answer(p, f, 2)

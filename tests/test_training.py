@@ -67,7 +67,7 @@ def test_sft_lowers_the_loss_and_gives_a_loadable_model(tmp_path):
     assert after < 0.7 * before, (before, after)
     assert card["steps"] == 6 and card["data"]["samples"] == 48 and card["method"] == "full"
     assert card["final_loss"] == card["loss_history"][-1]["loss"] and len(card["loss_history"]) == 6
-    assert card["config"]["learning_rate"] == 1e-4 and card["effective_batch"] == 8
+    assert card["config"]["learning_rate"] == 2e-4 and card["effective_batch"] == 8
     assert json.loads((tmp_path / "model" / "card.json").read_text())["data"]["hash"] == card["data"]["hash"]
     model, tok = load_causal_lm(str(tmp_path / "model"), dtype="float32", device="cpu")
     prompt, _ = render_chat(tok, data[1]["instruction"], "")
