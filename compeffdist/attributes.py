@@ -105,8 +105,8 @@ def parse_json_lenient(text: Any, accept: Callable[[Any], bool] | None = None) -
 
 # %% ../nbs/10_attributes.ipynb #1fa07a65
 ATTRIBUTES_PROMPT = """Brainstorm, creatively, as many sentiment-related attributes of the input text as you can. \
-An attribute is a general characteristic of a text that matters for analysing its sentiment, for example tone, \
-emotional intensity, target of the opinion, sarcasm or politeness. For each attribute give:
+An attribute is a general characteristic of a text that matters for analysing its sentiment, opinions or emotions. \
+For each attribute give:
 - "name": a short general name (one to three words) that could apply to any text;
 - "description": one sentence saying what the attribute captures in any text;
 - "value": what the attribute is for this text, in a few words.
@@ -114,16 +114,17 @@ Ignore tedious specifics of the text and focus on general textual attributes. Li
 attributes.
 
 Answer with JSON only, in this shape:
-{"attributes": [{"name": "tone", "description": "The overall attitude the writer conveys.", "value": "sarcastic"}]}
+{"attributes": [{"name": "<general name>", "description": "<what it captures in any text>", "value": "<its value \
+for this text>"}]}
 
 Input: {text}"""
 
 ATTRIBUTES_PROMPT_TEXT = """Brainstorm, creatively, as many sentiment-related attributes of the input text as you \
-can. An attribute is a general characteristic of a text that matters for analysing its sentiment, for example \
-tone, emotional intensity, target of the opinion, sarcasm or politeness. Each attribute reflects a characteristic \
-of the text and is followed by an Attribute Description (what it captures in any text) and an Attribute Value \
-(what it is for this text). Ignore tedious specifics of the text and focus on general textual attributes. List \
-{min_items} to {max_items} attributes as a numbered list, each in this form:
+can. An attribute is a general characteristic of a text that matters for analysing its sentiment, opinions or \
+emotions. Each attribute reflects a characteristic of the text and is followed by an Attribute Description (what \
+it captures in any text) and an Attribute Value (what it is for this text). Ignore tedious specifics of the text \
+and focus on general textual attributes. List {min_items} to {max_items} attributes as a numbered list, each in \
+this form:
 1. **Attribute Name**: Attribute Description - <what the attribute captures> Attribute Value - <its value here>
 
 Input: {text}

@@ -441,7 +441,7 @@ def parse_rewrite(text, task: dict, cfg: InstructionsConfig) -> tuple[dict | Non
     examples = [{"input": _pick(e, "input", "taskinput", "text"), "output": _pick(e, "output", "taskoutput", "label")}
                 for e in examples]
     rewrite = {**obj, "task_description": desc}
-    fmt = output_format_of(typ, {k.lower(): v for k, v in rewrite.items()}, examples)
+    fmt = output_format_of(typ, {str(k).lower(): v for k, v in rewrite.items()}, examples)
     if fmt is None:
         drops[{"closed_classification": "no_labels", "scoring": "no_scale", "structured": "no_schema"}[typ]] += 1
         return None, drops

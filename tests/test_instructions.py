@@ -68,6 +68,14 @@ def test_parse_tasks_total(answer, how, cut):
     if not tasks: assert sum(drops.values()) >= 1
 
 
+def test_python_literal_answers_with_odd_keys():
+    task = {"task_name": "T", "task_type": "closed_classification", "task_description": "Classify the text."}
+    got, drops = parse_rewrite("Here: {1: 2, 'labels': ['a', 'b'], 'examples': [{'input': 'x y', 'output': 'a'}]}",
+                               task, CFG)
+    assert got["output_format"] == {"labels": ["a", "b"]} and got["demonstrations"][0]["output"] == "a"
+    assert parse_tasks("[{'task_name': 'N', 2: 3, 'task_description': 'Do this to the text.'}]")[0][0]["task_name"] == "N"
+
+
 def test_two_text_tasks_are_recognised():
     assert mentions_two_texts("Compare the tone of Text 1 and Text 2.")
     assert mentions_two_texts("Given review A and review B, say which is angrier.")
