@@ -940,6 +940,7 @@ def eval_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--context-length", type=int, default=8192, help="llamacpp/vllm context")
+    ap.add_argument("--threads", type=int, help="llamacpp threads (default: all cores)")
     ap.add_argument("--name", help="name of the results (default: the model's name)")
     ap.add_argument("--sentibench", help="SentiBench folder (default: $COMPEFFDIST_SENTIBENCH)")
     ap.add_argument("--out", required=True, help="output folder")
@@ -953,7 +954,7 @@ def eval_cli(argv: list[str] | None = None) -> int:
     ref = resolve_model(a.model)
     name = a.name or re.sub(r"[^\w.\-]", "_", ref.name.removesuffix(".gguf"))
     mc = ModelConfig(model=a.model, engine=a.engine, dtype=a.dtype, device=a.device, batch_size=a.batch_size,
-                     context_length=a.context_length)
+                     context_length=a.context_length, n_threads=a.threads)
     t0 = time.perf_counter()
     backend = open_backend(mc)
     print(f"loaded {a.model} ({backend.name}) in {time.perf_counter() - t0:.1f}s")

@@ -214,7 +214,8 @@ def run_training(ctx) -> StageStats:
 def train_cli(argv: list[str] | None = None) -> int:
     "compeffdist train: fine-tune the student with TRL SFTTrainer."
     import argparse
-    from compeffdist.core import Config, RunStore, load_config
+    from pydantic import ValidationError
+    from compeffdist.core import RunStore, load_config
     ap = argparse.ArgumentParser(prog="compeffdist train", description="Fine-tune the student (TRL SFTTrainer).")
     ap.add_argument("--config", help="run config (YAML): its training and student sections")
     ap.add_argument("--data", help="JSONL of instruction/output records (default: <run.out>/sampling/kept.jsonl)")
@@ -237,8 +238,10 @@ def train_cli(argv: list[str] | None = None) -> int:
     student = student.model_copy(update={k: v for k, v in {"model": a.model, "device": a.device}.items() if v})
     over = {k: getattr(a, k) for k in ("epochs", "max_steps", "learning_rate", "per_device_batch_size",
                                        "gradient_accumulation_steps", "max_length", "lora") if getattr(a, k) is not None}
-    tc = (cfg.training if cfg else TrainingConfig()).model_copy(update=over)
-    TrainingConfig.model_validate(tc.model_dump())  # overrides are validated like the config
+    try:  # overrides are validated like the config
+        tc = TrainingConfig.model_validate({**(cfg.training if cfg else TrainingConfig()).model_dump(), **over})
+    except ValidationError as e:
+        raise CompeffdistError("; ".join(f"--{'.'.join(map(str, x['loc']))}: {x['msg'].lower()}" for x in e.errors())) from None
     if a.data:
         card = train_student(student.model, a.data, a.out, tc, student)
         where = Path(a.out)
