@@ -416,7 +416,8 @@ def make_tiny_student(dest: str | os.PathLike, like: str = "smollm2-135m-instruc
 # %% ../nbs/19_pipeline.ipynb #87a66e00
 def demo_config_path() -> Path:
     "The embedded default config, `configs/demo.yaml` of the source checkout."
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    import compeffdist
+    for base in (Path(compeffdist.__file__).resolve().parent.parent, Path.cwd()):
         p = base / "configs" / "demo.yaml"
         if p.is_file():
             return p
