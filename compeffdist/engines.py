@@ -760,6 +760,7 @@ def generate_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-schema", help="a JSON schema (string or file) the answer must follow")
     ap.add_argument("--choice", help="comma-separated choices the answer must be one of")
     ap.add_argument("--cache", default=".cache/calls.sqlite", help="SQLite call cache")
+    ap.add_argument("--threads", type=int, help="CPU threads (llama.cpp n_threads, torch threads); on a busy machine 1 is fastest")
     a = ap.parse_args(argv)
     if a.config:
         mc = getattr(load_config(a.config), a.role)
@@ -768,6 +769,10 @@ def generate_cli(argv: list[str] | None = None) -> int:
         mc = ModelConfig(model=a.model, engine=a.engine or "hf", base_url=a.base_url)
     else:
         ap.error("give --model or --config")
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+        mc = mc.model_copy(update={"n_threads": a.threads})
     prompts = list(a.prompt)
     if a.sentibench_texts:
         from compeffdist.data import load_sentibench

@@ -224,3 +224,16 @@ def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path):
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(CompeffdistError, match="cannot open the call cache"):
         CallCache(bad)
+
+
+def test_the_generate_command_reuses_the_cache_across_processes(tmp_path):
+    (tmp_path / "reviews.txt").write_text("I loved every minute of it.\nA dull, tired film.\n")
+    cmd = [str(Path(sys.executable).with_name("compeffdist")), "generate", "--model", "smollm2-135m-instruct",
+           "--engine", "llamacpp", "--threads", "1", "--texts", "reviews.txt", "--choice", "positive,negative",
+           "--cache", str(tmp_path / "calls.sqlite")]
+    first, second = (subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "2 prompts: 2 generated, 0 from cache" in first.stdout
+    assert "2 prompts: 0 generated, 2 from cache" in second.stdout
+    answers = lambda out: [l for l in out.splitlines() if l in ("positive", "negative")]
+    assert len(answers(first.stdout)) == 2 and answers(first.stdout) == answers(second.stdout)
