@@ -575,7 +575,7 @@ class OpenAIEngine(Engine):
 
     def _one(self, messages, params, constraint) -> list[Generation]:
         gens = []
-        for r in range(params.n):
+        for r in range(params.n if params.temperature > 0 else 1):  # greedy: one request, its answer n times
             try:
                 out = self._post(self._body(messages, params, constraint, r))
             except _RequestFailed as e:
@@ -588,7 +588,7 @@ class OpenAIEngine(Engine):
                 except json.JSONDecodeError: pass
             gens.append(Generation(str(text), use.get("prompt_tokens", 0), use.get("completion_tokens", 0),
                                    "length" if ch.get("finish_reason") == "length" else "stop"))
-        return gens
+        return gens if len(gens) == params.n else [replace(gens[0]) for _ in range(params.n)]
 
     def generate_iter(self, batch, params, constraint=None):
         _check_batch(batch)

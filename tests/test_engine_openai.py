@@ -237,3 +237,12 @@ def test_bounded_concurrency(proxy, limit):
     res = eng.generate([chat(f"Say {i}.") for i in range(7)], SamplingParams(max_new_tokens=3))
     assert len(res) == 7 and all(g.text for (g,) in res)
     assert p.max_inflight == limit  # never more than the limit, and the limit is used
+
+
+def test_n_samples_cost_one_request_when_greedy(proxy):
+    p = proxy()
+    eng = OpenAIEngine("smollm2", base_url=p.url)
+    greedy = eng.generate([chat("Name a colour.")], SamplingParams(max_new_tokens=6, n=3))[0]
+    assert len(greedy) == 3 and len({g.text for g in greedy}) == 1 and p.requests == 1
+    sampled = eng.generate([chat("Name a colour.")], SamplingParams(max_new_tokens=6, n=2, temperature=1.0, seed=3))[0]
+    assert len(sampled) == 2 and p.requests == 3  # one request per sample, seeds seed and seed + 1
