@@ -115,14 +115,6 @@ def raw_text(instruction: str, output: str) -> str:
     return instruction.strip().replace("Input: ", "Input:").replace("Output: ", "Output:") + output
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y: break
-        n += 1
-    return n
-
-
 def _fields(record: dict) -> tuple[str, str]:
     ins, out = record.get("instruction"), record.get("output")
     if not isinstance(ins, str) or not ins.strip():
@@ -137,10 +129,9 @@ def _fields(record: dict) -> tuple[str, str]:
 def encode_sample(tokenizer, record: dict, fmt: str = "chat", max_length: int = 2048) -> EncodedSample:
     "Token ids and response start of a record with `instruction` and `output`, in the `chat` or `raw` format."
     ins, out = _fields(record)
-    if fmt == "chat":
-        prompt = chat_prompt(tokenizer, ins)
-        ids = tokenizer(prompt + out, add_special_tokens=False)["input_ids"]
-        start = _common_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"], ids)
+    if fmt == "chat":  # as the training stage: prompt and response tokenised apart, no extra special tokens
+        p_ids = tokenizer(chat_prompt(tokenizer, ins), add_special_tokens=False)["input_ids"]
+        ids, start = p_ids + tokenizer(out, add_special_tokens=False)["input_ids"], len(p_ids)
     elif fmt == "raw":
         text = raw_text(ins, out)
         at = text.rfind(out)
