@@ -57,8 +57,11 @@ def analysis_request(cluster: dict, cfg: InstructionsConfig) -> list[dict]:
 
 # %% ../nbs/12_instructions.ipynb #825f245b
 _ITEM = re.compile(r"(?m)^[ \t]*(?:[-*•][ \t]*)?(?:\*\*)?(\d{1,3})[.)](?:\*\*)?[ \t]+")
-_BOLD_TITLE = re.compile(r"^\*\*([^*\n]{1,80}?):?\*\*:?\s*")
-_TITLE = re.compile(r"^((?:[A-Z][\w'’&/-]*\s*){1,5}):\s+")
+_BOLD_TITLE = re.compile(r"^\*\*([^*\n]{1,80}?)(?::\*\*|\*\*:)\s*")  # **Title:** or **Title**:
+_TITLE = re.compile(r"^((?:[A-Z][\w'’&/-]*\s*){1,5}):\s+")  # Title Case Words:
+_EXPLAIN = re.compile(r"(?im)(?:^[ \t]*(?:[-*•][ \t]*)?|[ \t][-–][ \t]*)(?:\*\*)?[ \t]*"
+                      r"(?:explanation|rationale|purpose|reasoning|note)[ \t]*(?:\*\*)?[ \t]*:")
+_BULLET = re.compile(r"^[ \t]*[-*•][ \t]+")
 
 
 def _clean_item(s: str) -> str:
@@ -70,6 +73,23 @@ def _clean_item(s: str) -> str:
     s = re.sub(r"\*\*|__|`", "", s).strip()
     if len(s) >= 2 and s[0] in "\"“'" and s[-1] in "\"”'": s = s[1:-1].strip()
     return s
+
+
+def _is_title(line: str) -> bool:
+    t = line.replace("*", "").strip()
+    return t.endswith(":") and len(t.split()) <= 6
+
+
+def _item_prompts(chunk: str) -> list[str]:
+    "The prompt(s) of one numbered item: the item without its explanation, or its bullets under a title line."
+    m = _EXPLAIN.search(chunk)
+    if m: chunk = chunk[:m.start()]  # "- **Explanation:** …" and whatever follows is not the prompt
+    lines = [l for l in chunk.splitlines() if l.strip()]
+    if not lines: return []
+    bullets = [l for l in lines[1:] if _BULLET.match(l)]
+    if _is_title(lines[0]) and len(bullets) >= 2:
+        return [_clean_item(_BULLET.sub("", b)) for b in bullets]
+    return [_clean_item(" ".join(_BULLET.sub("", l) for l in lines))]
 
 
 def parse_numbered_list(text, min_words: int = 4) -> tuple[list[str], Counter]:
@@ -86,12 +106,12 @@ def parse_numbered_list(text, min_words: int = 4) -> tuple[list[str], Counter]:
     for j, m in enumerate(marks):
         chunk = text[m.end(): marks[j + 1].start() if j + 1 < len(marks) else len(text)]
         chunk = re.split(r"\n[ \t]*\n", chunk, maxsplit=1)[0]  # an item ends at a blank line
-        item = _clean_item(chunk)
-        key = re.sub(r"\W+", " ", item.lower()).strip()
-        if len(item.split()) < min_words: drops["too_short"] += 1
-        elif key in seen: drops["duplicate"] += 1
-        else:
-            seen.add(key); out.append(item)
+        for item in _item_prompts(chunk) or [""]:
+            key = re.sub(r"\W+", " ", item.lower()).strip()
+            if len(item.split()) < min_words: drops["too_short"] += 1
+            elif key in seen: drops["duplicate"] += 1
+            else:
+                seen.add(key); out.append(item)
     return out, drops
 
 # %% ../nbs/12_instructions.ipynb #c59557d4
@@ -473,8 +493,8 @@ Task: {task_name}
 
 {examples}
 
-Write two new examples of this task. Their input texts must follow the style, vocabulary and themes of these two \
-real texts, without copying them:
+Write two new examples of this task, different from the examples above. Their input texts must follow the style, \
+vocabulary and themes of these two real texts, without copying them:
 Reference text 1: {ref1}
 Reference text 2: {ref2}
 
@@ -531,7 +551,7 @@ def parse_demos(text, task: dict, refs: list[str]) -> tuple[list[dict], Counter]
         key = " ".join(str(inp).lower().split())
         if got is None: drops[f"demo:{why}"] += 1
         elif "reference text" in f"{inp} {got}".lower(): drops["demo:mentions_reference"] += 1
-        elif key in ref_keys: drops["demo:copied_reference"] += 1
+        elif any(key == r or (len(key) > 40 and key in r) for r in ref_keys): drops["demo:copied_reference"] += 1
         elif key in known: drops["demo:duplicate"] += 1
         else:
             known.add(key); out.append({"input": inp, "output": got, "source": "generated"})
