@@ -566,6 +566,9 @@ def run_difficulty(ctx) -> StageStats:
         if warm and r.get("id") in warm:
             r["in_warmup"] = True; stats.add("in_warmup")
         out.append(r)
+    if records and not out:
+        raise CompeffdistError(f"difficulty: none of the {len(records)} responses could be scored "
+                               f"({', '.join(f'{k} {v}' for k, v in stats.drops.most_common())})")
     write_jsonl(ctx.store.path("difficulty", "scored.jsonl"), out)
     stats.add("samples_out", len(out))
     stats.info["metrics"] = {m: _summary([r["difficulty"][m] for r in out if m in r["difficulty"]])

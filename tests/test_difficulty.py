@@ -244,3 +244,51 @@ def test_accelerate_launch_two_processes(tmp_path):
                                    max_length=128).score(recs[:9])
     for o, s in zip(out, single):
         assert abs(o["difficulty"]["rank"] - s["rank"]) <= 1e-5 and o["difficulty"]["length"] == s["length"]
+
+
+# ---------------------------------------------------------------- the stage
+def _stage_ctx(tmp_path, records, **difficulty):
+    from compeffdist.core import Config, ModelConfig, RunStore
+    from compeffdist.engines import RunContext
+    store = RunStore(tmp_path / "run")
+    write_jsonl(store.path("responses", "samples.jsonl"), records)
+    cfg = Config(teacher=ModelConfig(model="x"), student=ModelConfig(model="smollm2-135m-instruct", device="cpu"))
+    cfg.difficulty = cfg.difficulty.model_copy(update={"max_length": 128, "batch_size": 4, **difficulty})
+    return RunContext(cfg, store, progress=False)
+
+
+def test_stage_with_proxy_and_warmup_ids(tmp_path):
+    from compeffdist.core import ProxyConfig, write_json
+    from compeffdist.difficulty import run_difficulty, scoring_model
+    words = ["great", "awful", "fine", "terrible", "lovely", "boring"]
+    recs = [{"id": f"r{i}", "cluster_id": i % 2, "task_name": f"t{i % 2}", "kind": "task",
+             "instruction": f"Is this positive or negative?\n\nInput: a {words[i % 6]} day number {i}",
+             "output": ["positive", "negative"][i % 2] + " " * (i // 6)} for i in range(12)]
+    ctx = _stage_ctx(tmp_path, recs, proxy=ProxyConfig(enabled=True, model="all-minilm-l6-v2", train_fraction=0.2,
+                                                       eval_fraction=0.25, max_length=64))
+    assert scoring_model(ctx) == "smollm2-135m-instruct"
+    write_json(ctx.store.path("warmup", "card.json"), {"sample_ids": ["r0", "r5"]})
+    stats = run_difficulty(ctx)
+    out = read_jsonl(ctx.store.path("difficulty", "scored.jsonl"))
+    assert [o["id"] for o in out] == [r["id"] for r in recs]
+    direct = [o for o in out if o["difficulty_source"] == "direct"]
+    proxy = [o for o in out if o["difficulty_source"] == "proxy"]
+    assert len(direct) == stats.counts["directly_scored"] == 8 and len(proxy) == stats.counts["proxy_predicted"] == 4
+    assert all(set(o["difficulty"]) == {"rank", "ppl", "ifd", "length"} for o in direct)
+    assert all(set(o["difficulty"]) == {"rank", "length"} for o in proxy)
+    lo, hi = min(o["difficulty"]["rank"] for o in direct), max(o["difficulty"]["rank"] for o in direct)
+    assert all(lo - 1e-9 <= o["difficulty"]["rank"] <= hi + 1e-9 for o in proxy)  # rank target: training scale
+    assert {o["id"] for o in out if o.get("in_warmup")} == {"r0", "r5"}
+    report = json.loads(ctx.store.path("difficulty", "proxy.json").read_text())
+    assert report["n_train"] + report["n"] == 8 and "spearman" in report and report["n_predicted"] == 4
+    ctx.store.path("warmup", "model").mkdir()
+    (ctx.store.path("warmup", "model") / "config.json").write_text("{}")
+    assert scoring_model(ctx).endswith("warmup/model")
+
+
+def test_stage_rejects_a_corpus_with_nothing_to_score(tmp_path):
+    from compeffdist.difficulty import run_difficulty
+    ctx = _stage_ctx(tmp_path, [{"id": "a", "instruction": "x", "output": ""}, {"id": "b", "output": "y"}],
+                     metrics=["length"])
+    with pytest.raises(CompeffdistError, match="none of the 2 responses"):
+        run_difficulty(ctx)
