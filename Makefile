@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,llamacpp]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt xgrammar apache-tvm-ffi  # hf JSON grammars, without triton (CPU)
 	@touch $@
 
 install: $(STAMP)

@@ -62,3 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # `python -m compeffdist.cli ...`, e.g. under `accelerate launch -m`
+    sys.exit(main())
