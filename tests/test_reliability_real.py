@@ -168,7 +168,7 @@ def test_kill9_real_stages_replayed_teacher(tmp_path, tiny_student, sentibench_r
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parent)))
     run, log = tmp_path / "run", tmp_path / "calls.log"
     cmd = [sys.executable, str(driver), str(run), str(tiny_student), str(log), "0.3"]
-    kills = [("responses", 0.5, 3.0), ("difficulty", 0.5, 2.0), ("training", 1.0, 4.0)]
+    kills = [("responses", 0.5, 3.0), ("difficulty", 2.0, 6.0), ("training", 4.0, 12.0)]
     attempts = kill_and_resume(cmd, run, kills, log, random.Random(11))
     print(attempts)
     assert data_digests(run) == data_digests(ref)
