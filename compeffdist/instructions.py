@@ -142,13 +142,13 @@ def tasks_per_cluster(cfg: InstructionsConfig) -> int:
 
 
 def tasks_schema(n: int) -> dict:
-    "JSON schema of a task-list answer."
+    "JSON schema of a task-list answer: exactly `n` tasks (small teachers otherwise stop after one)."
     item = {"type": "object", "required": ["task_name", "task_type", "task_description"],
             "properties": {"task_name": {"type": "string", "minLength": 3, "maxLength": 80},
                            "task_type": {"type": "string", "enum": list(TASK_TYPES)},
                            "task_description": {"type": "string", "minLength": 10, "maxLength": 400}}}
     return {"type": "object", "required": ["tasks"],
-            "properties": {"tasks": {"type": "array", "items": item, "minItems": 1, "maxItems": n}}}
+            "properties": {"tasks": {"type": "array", "items": item, "minItems": n, "maxItems": n}}}
 
 
 def tasks_request(cluster: dict, cfg: InstructionsConfig) -> list[dict]:
@@ -493,8 +493,9 @@ Task: {task_name}
 
 {examples}
 
-Write two new examples of this task, different from the examples above. Their input texts must follow the style, \
-vocabulary and themes of these two real texts, without copying them:
+Write two new examples of this task. The first input is a new text in the style, vocabulary and themes of \
+reference text 1, the second a new text in the style of reference text 2. Do not copy the reference texts or the \
+examples above: write new texts.
 Reference text 1: {ref1}
 Reference text 2: {ref2}
 
@@ -531,6 +532,11 @@ def demos_requests(task: dict, pool: list[str], cfg: InstructionsConfig, seed: i
     return out
 
 
+def _key_text(s) -> str:
+    "A text for duplicate checks: lower-case words only (so a copy cut with ' …' still matches its source)."
+    return " ".join(re.sub(r"[\W_]+", " ", str(s).lower()).split())
+
+
 def parse_demos(text, task: dict, refs: list[str]) -> tuple[list[dict], Counter]:
     "Valid new demonstrations of a task from one answer, and drops by reason (`demo:` prefix)."
     drops = Counter()
@@ -539,8 +545,8 @@ def parse_demos(text, task: dict, refs: list[str]) -> tuple[list[dict], Counter]
         drops["demo:" + ("empty_response" if how == "empty" else "no_json")] += 1
         return [], drops
     items = obj if isinstance(obj, list) else next((v for v in obj.values() if isinstance(v, list)), [obj])
-    known = {" ".join(d["input"].lower().split()) for d in task["demonstrations"]}
-    ref_keys = {" ".join(r.lower().split()) for r in refs}
+    known = {_key_text(d["input"]) for d in task["demonstrations"]}
+    ref_keys = {_key_text(r) for r in refs}
     out = []
     for it in items:
         if not isinstance(it, dict):
@@ -548,10 +554,10 @@ def parse_demos(text, task: dict, refs: list[str]) -> tuple[list[dict], Counter]
         inp, raw = _pick(it, "input", "text"), _pick(it, "output", "label")
         inp = inp.strip().strip('"').strip() if isinstance(inp, str) else inp
         got, why = check_output(task["task_type"], task["output_format"], inp, raw)
-        key = " ".join(str(inp).lower().split())
+        key = _key_text(inp)
         if got is None: drops[f"demo:{why}"] += 1
         elif "reference text" in f"{inp} {got}".lower(): drops["demo:mentions_reference"] += 1
-        elif any(key == r or (len(key) > 40 and key in r) for r in ref_keys): drops["demo:copied_reference"] += 1
+        elif any(key == r or (len(key) >= 40 and key[:80] in r) for r in ref_keys): drops["demo:copied_reference"] += 1
         elif key in known: drops["demo:duplicate"] += 1
         else:
             known.add(key); out.append({"input": inp, "output": got, "source": "generated"})
