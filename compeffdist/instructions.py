@@ -57,7 +57,7 @@ def analysis_request(cluster: dict, cfg: InstructionsConfig) -> list[dict]:
 
 # %% ../nbs/12_instructions.ipynb #825f245b
 _ITEM = re.compile(r"(?m)^[ \t]*(?:[-*•][ \t]*)?(?:\*\*)?(\d{1,3})[.)](?:\*\*)?[ \t]+")
-_BOLD_TITLE = re.compile(r"^\*\*([^*\n]{1,80}?)(?::\*\*|\*\*:)\s*")  # **Title:** or **Title**:
+_BOLD_TITLE = re.compile(r"^\*\*([^*\n]{1,150}?)(?::\*\*|\*\*:)\s*")  # **Title:** or **Title**:
 _TITLE = re.compile(r"^((?:[A-Z][\w'’&/-]*\s*){1,5}):\s+")  # Title Case Words:
 _EXPLAIN = re.compile(r"(?im)(?:^[ \t]*(?:[-*•][ \t]*)?|[ \t][-–][ \t]*)(?:\*\*)?[ \t]*"
                       r"(?:explanation|rationale|purpose|reasoning|note)[ \t]*(?:\*\*)?[ \t]*:")
