@@ -20,8 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .core import (CompeffdistError, DifficultyConfig, ProxyConfig, StageStats, atomic_write,
-                              read_json, read_jsonl, write_json, write_jsonl)
+from .core import (CompeffdistError, StageStats, atomic_write, read_json, read_jsonl, write_json,
+                              write_jsonl)
 from .models import hf_model_path, load_causal_lm, load_tokenizer, pick_device, resolve_model
 
 # %% auto #0

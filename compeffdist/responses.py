@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from .core import CompeffdistError, ResponsesConfig, StageStats, read_jsonl, write_jsonl
+from .core import ResponsesConfig, StageStats, read_jsonl, write_jsonl
 from .engines import CachedEngine, Constraint, SamplingParams, json_ok
 
 # %% auto #0
