@@ -64,5 +64,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # `python -m compeffdist.cli ...`, e.g. under `accelerate launch -m`
+if __name__ == "__main__" and "__file__" in globals():  # `python -m compeffdist.cli ...` (not a notebook kernel)
     sys.exit(main())

@@ -206,7 +206,7 @@ def plot_difficulty(run: dict, path: Path) -> Path | None:
         ax.hist(v, bins=min(30, max(5, len(v) // 3)), color="#55a868")
         ax.set_title(f"{k} (n={len(v)})", fontsize=10); ax.set_xlabel(k)
     axes[0].set_ylabel("samples")
-    fig.suptitle("Difficulty of the teacher's samples for the warm-up student")
+    fig.suptitle("Difficulty of the teacher's samples for the warm-up student", y=1.04)
     return _save(fig, path)
 
 
@@ -233,7 +233,7 @@ def plot_sampling(run: dict, path: Path) -> Path | None:
     share = [kept[idx == i].mean() if (idx == i).any() else 0 for i in range(max(len(edges) - 1, 1))]
     b.bar(range(len(share)), share, color="#dd8452")
     b.set_xlabel("difficulty decile (easy → hard)"); b.set_ylabel("share kept"); b.set_ylim(0, 1)
-    fig.suptitle("Difficulty-prioritised sampling")
+    fig.suptitle("Difficulty-prioritised sampling", y=1.02)
     return _save(fig, path)
 
 # %% ../nbs/19a_report.ipynb #5ec3751c
