@@ -156,11 +156,11 @@ def text_id(text: str) -> str:
 
 
 def sentibench_test_index(root: str | os.PathLike | None = None) -> dict[str, str]:
-    "Normalised SentiBench test text -> dataset name, over all 12 datasets."
+    "Normalised SentiBench test text (cleaned as user texts are) -> dataset name, over all 12 datasets."
     index = {}
     for d in SENTIBENCH.values():
         for r in load_sentibench(d.name, "test", root):
-            index.setdefault(normalise_for_match(r["sentence"]), d.name)
+            index.setdefault(normalise_for_match(clean_text(r["sentence"])), d.name)
     return index
 
 # %% ../nbs/03_data.ipynb #96b3c82e

@@ -538,6 +538,12 @@ def run_difficulty(ctx) -> StageStats:
     cfg, stats = ctx.cfg.difficulty, StageStats()
     records = read_jsonl(ctx.store.path("responses", "samples.jsonl"))
     stats.add("samples_in", len(records))
+    warm = _warmup_ids(ctx)  # the warm-up student was trained on these: score the rest
+    if warm:
+        stats.drop("warmup_subset", sum(r.get("id") in warm for r in records))
+        records = [r for r in records if r.get("id") not in warm]
+        if not records:
+            raise CompeffdistError("difficulty: every response is in the warm-up subset (lower warmup.fraction)")
     spec = scoring_model(ctx)
     stats.info["scoring_model"] = "warmup/model" if spec.endswith(os.path.join("warmup", "model")) else spec
     scorer = DifficultyScorer.load(spec, device=ctx.cfg.student.device, dtype=cfg.dtype, fmt=cfg.format,
@@ -555,7 +561,6 @@ def run_difficulty(ctx) -> StageStats:
         results[i] = res
     if cfg.proxy.enabled:
         _proxy_fill(ctx, records, results, direct, scorer, stats)
-    warm = _warmup_ids(ctx)
     out = []
     for r, res in zip(records, results):
         if isinstance(res, SampleError):
@@ -563,8 +568,6 @@ def run_difficulty(ctx) -> StageStats:
         r = dict(r); r["difficulty"] = res
         if cfg.proxy.enabled:
             r["difficulty_source"] = res.pop("_source", "direct")
-        if warm and r.get("id") in warm:
-            r["in_warmup"] = True; stats.add("in_warmup")
         out.append(r)
     if records and not out:
         raise CompeffdistError(f"difficulty: none of the {len(records)} responses could be scored "

@@ -664,25 +664,64 @@ class LlamaCppBackend:
         self.llm.close()
 
 
-class VLLMBackend(HFBackend):
-    "vLLM for FSA generation on GPU; first-step logits through transformers. (Needs the 'vllm' extra and a GPU.)"
+class VLLMBackend:
+    """vLLM (GPU, tensor parallelism): first-step scores and greedy generation from one `vllm.LLM`, nothing loaded
+    twice, so a 70B teacher evaluates on the GPUs it generates on. (Needs the 'vllm' extra.)
+
+    Classification asks vLLM for one greedy token restricted to the verbalizer (`allowed_token_ids`), with the raw
+    logits of the top-20 tokens and of the chosen one (`logprobs_mode="raw_logits"`). The generation config's
+    repetition penalty, if any, is applied to those logits as `HFBackend` does; a verbalizer token outside the
+    top 20 scores -inf. The chosen token is the exact argmax over the verbalizer, so the prediction equals
+    `HFBackend`'s; the raw top-1 gives the `top1_in_verbalizer` diagnostic."""
     name = "vllm"
+    TOP_K = 20  # vLLM's default max_logprobs
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, context_length: int = 8192,
-                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1):
-        super().__init__(model, dtype=dtype, device="cuda", batch_size=batch_size)
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, **kw):
+        from compeffdist.models import hf_model_path, resolve_model
         try:
             import vllm
         except ImportError:
             raise CompeffdistError("the vllm engine needs the 'vllm' extra: pip install 'compeffdist[vllm]'") from None
-        from compeffdist.models import hf_model_path
-        self._vllm = vllm
-        self.llm = vllm.LLM(model=hf_model_path(self.ref), dtype=dtype, max_model_len=context_length,
-                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+        self.ref = resolve_model(model)
+        location = hf_model_path(self.ref) if self.ref.kind == "gguf" else self.ref.location
+        self._vllm, self.batch_size = vllm, batch_size
+        self.llm = vllm.LLM(model=location, dtype=dtype, max_model_len=context_length, logprobs_mode="raw_logits",
+                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                            **kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.penalty = getattr(self.llm.get_default_sampling_params(), "repetition_penalty", None) or 1.0
+
+    def first_token(self, text: str) -> int:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id)
+
+    def next_token_scores(self, prompts, token_ids):
+        "For each prompt: the (penalised) logits of `token_ids` as the next token, and the overall top-1 token id."
+        ids = list(token_ids)
+        sp = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(set(ids)),
+                                       logprobs=self.TOP_K, repetition_penalty=self.penalty)
+        out = []
+        for o in self.llm.generate(list(prompts), sp, use_tqdm=False):
+            got = o.outputs[0].logprobs[0]  # token id -> Logprob(logit here, rank among the raw logits)
+            seen = set(o.prompt_token_ids)
+            def score(t):
+                if t not in got: return float("-inf")
+                x = got[t].logprob
+                return (x / self.penalty if x > 0 else x * self.penalty) if t in seen and self.penalty != 1.0 else x
+            out.append(([score(t) for t in ids], min(got, key=lambda t: got[t].rank)))
+        return out
 
     def generate(self, prompts, max_new_tokens, done=None):
-        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                           repetition_penalty=self.penalty)
         return [o.outputs[0].text for o in self.llm.generate(list(prompts), params, use_tqdm=False)]
+
+    def close(self):
+        del self.llm
+        import gc; gc.collect()
 
 
 def open_backend(mc: ModelConfig, batch_size: int | None = None):

@@ -76,6 +76,22 @@ def test_sft_lowers_the_loss_and_gives_a_loadable_model(tmp_path):
     assert not (tmp_path / "model.partial").exists()
 
 
+
+def test_lora_sft_lowers_the_loss_and_saves_a_merged_model(tmp_path):
+    "LoRA (peft) on the real student: the adapters learn, and the saved model is the merged plain model."
+    data = records(24)
+    before = completion_loss("smollm2-135m-instruct", data)
+    cfg = TrainingConfig(epochs=1, learning_rate=2e-3, per_device_batch_size=8, gradient_accumulation_steps=1,
+                         max_length=96, packing=False, gradient_checkpointing=False, logging_steps=1, lora=True,
+                         lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    card = train_student("smollm2-135m-instruct", data, tmp_path / "model", cfg, STUDENT, progress=False)
+    assert card["method"] == "lora" and card["steps"] == 3
+    after = completion_loss(str(tmp_path / "model"), data)
+    assert after < 0.9 * before, (before, after)
+    assert not (tmp_path / "model" / "adapter_config.json").exists()  # merged: loads without peft
+    model, _ = load_causal_lm(str(tmp_path / "model"), dtype="float32", device="cpu")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
 def _ctx(tmp_path, **training):
     from compeffdist.engines import RunContext
     cfg = load_config("configs/demo.yaml", {"run.out": str(tmp_path / "run"), "warmup.fraction": 0.5,
