@@ -49,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml
 	@touch $@
 
 test-vllm: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -ra tests/test_engine_vllm.py
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -ra tests/test_engine_vllm.py tests/test_sentibench_vllm.py
 
 bench: install
 	$(BIN)/python benchmarks/engines.py
