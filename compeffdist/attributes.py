@@ -352,6 +352,7 @@ def run_attributes(ctx) -> StageStats:
     "Stage `attributes`: enumerate, parse, normalise, count and filter the attributes of the user texts."
     cfg, stats = ctx.cfg.attributes, StageStats()
     texts = read_jsonl(ctx.store.path("texts", "texts.jsonl"))
+    texts = texts[:cfg.n_texts] if cfg.n_texts else texts  # a CPU-sized run enumerates a subset
     stats.add("texts_in", len(texts))
     constraint = (Constraint(json_schema=attributes_schema(cfg.max_attributes_per_text))
                   if cfg.format == "json" else None)

@@ -125,6 +125,7 @@ class AttributesConfig(Section):
     min_count: int | None = None  # keep names with count > min_count; None: scale min_count_per_20k by corpus size
     min_count_per_20k: float = 10.0  # the reference keeps count > 10 over 20K texts
     max_attributes_per_text: int = Field(20, ge=1)
+    n_texts: int | None = Field(None, ge=1)  # enumerate only the first N user texts (None: all); pairing uses all
 
 
 class ClusteringConfig(Section):

@@ -106,9 +106,11 @@ _RUNTIME_ONLY = {"data": {"sentibench"},
 
 
 def stage_config(cfg: Config, stage: Stage) -> dict:
-    "The part of the config a stage's outputs depend on."
+    """The part of the config a stage's outputs depend on. Unset options (None) are left out, so that a new
+    option whose default keeps the old behaviour does not invalidate finished runs."""
     dump = cfg.model_dump(mode="json")
-    return {s: {k: v for k, v in dump[s].items() if k not in _RUNTIME_ONLY.get(s, ())} for s in stage.sections}
+    return {s: {k: v for k, v in dump[s].items() if k not in _RUNTIME_ONLY.get(s, ()) and v is not None}
+            for s in stage.sections}
 
 
 def fingerprints(cfg: Config) -> dict[str, str]:

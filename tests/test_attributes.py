@@ -149,3 +149,16 @@ def test_threshold_filters_rare_names(tmp_path):
     assert [(a["name"], a["count"]) for a in kept] == [("tone", 2)]
     assert stats.drops["below_min_count"] == 1
     assert aggregate_attributes(read_jsonl(ctx.store.path("attributes", "text_attributes.jsonl")))[1]["name"] == "irony"
+
+
+def test_n_texts_enumerates_a_subset(tmp_path):
+    "attributes.n_texts: only the first N user texts are sent to the teacher (pairing still sees them all)."
+    cfg = Config(teacher=ModelConfig(model="fake"), student=ModelConfig(model="fake"))
+    cfg.attributes.min_count, cfg.attributes.n_texts = 0, 2
+    eng = FakeEngine(lambda m, i: '{"attributes": [{"name": "tone", "description": "d", "value": "v"}]}')
+    ctx = RunContext(cfg, RunStore(tmp_path), teacher=eng, progress=False)
+    write_jsonl(ctx.store.path("texts", "texts.jsonl"), [{"id": str(i), "text": f"t{i}", "source": "s"}
+                                                          for i in range(5)])
+    stats = run_attributes(ctx)
+    assert eng.calls == 2 and stats.counts["texts_in"] == 2
+    assert [r["id"] for r in read_jsonl(ctx.store.path("attributes", "text_attributes.jsonl"))] == ["0", "1"]
