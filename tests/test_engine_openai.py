@@ -91,13 +91,20 @@ class FlakyProxy:
                     proxy.inflight += 1
                     proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
                     action = proxy.plan.pop(0) if proxy.plan else "forward"
+                self.counted = True
                 try:
                     self.act(action, body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with proxy.lock:
+                    self.done()
+
+            def done(self):
+                # out of flight before the answer is written: the client may send its next request on reading it
+                with proxy.lock:
+                    if self.counted:
                         proxy.inflight -= 1
+                        self.counted = False
 
             def act(self, action, body):
                 if action == "drop":
@@ -117,6 +124,7 @@ class FlakyProxy:
                 self.answer(r.status_code, r.content)
 
             def answer(self, code, content, headers=None):
+                self.done()
                 self.send_response(code)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(content)))
