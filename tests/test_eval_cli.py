@@ -53,9 +53,8 @@ def test_eval_smollm2_one_dataset_per_family(sentibench_root, tmp_path, capsys):
     assert json.loads((tmp_path / "smollm2-135m-instruct.json").read_text()) == json.loads(before)
 
 
-@pytest.mark.slow
 @pytest.mark.sentibench
-def test_eval_smollm2_all_12_datasets(sentibench_root, tmp_path, capsys):
+def test_eval_smollm2_all_12_datasets(sentibench_root, tmp_path, capsys):  # ~3.5 min on 2 CPU cores
     from compeffdist.data import SENTIBENCH
     env = {**os.environ, "COMPEFFDIST_SENTIBENCH": str(sentibench_root)}
     r = subprocess.run([str(BIN), "eval", "--model", "smollm2-135m-instruct", "--seeds", "42", "--limit", "10",
