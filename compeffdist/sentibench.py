@@ -519,7 +519,17 @@ def score_predictions(name: str, examples: Sequence[Example], predictions: Seque
     return m
 
 # %% ../nbs/18_sentibench.ipynb #1844e2ef
-class HFBackend:
+class _HFTokens:
+    "Verbalizer token helpers over a Hugging Face tokenizer (`self.tokenizer`)."
+
+    def first_token(self, text: str) -> int:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id)
+
+
+class HFBackend(_HFTokens):
     "transformers model: batched last-position logits for classification, batched greedy generation."
     name = "hf"
 
@@ -530,12 +540,6 @@ class HFBackend:
         self.tokenizer.padding_side = "left"
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
-
-    def first_token(self, text: str) -> int:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(token_id)
 
     def _batches(self, prompts: Sequence[str]):
         "Tokenised prompts in batches of similar length (longest first): (positions, ids, mask)."
@@ -664,7 +668,7 @@ class LlamaCppBackend:
         self.llm.close()
 
 
-class VLLMBackend:
+class VLLMBackend(_HFTokens):
     """vLLM (GPU, tensor parallelism): first-step scores and greedy generation from one `vllm.LLM`, nothing loaded
     twice, so a 70B teacher evaluates on the GPUs it generates on. (Needs the 'vllm' extra.)
 
@@ -691,12 +695,6 @@ class VLLMBackend:
                             **kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.penalty = getattr(self.llm.get_default_sampling_params(), "repetition_penalty", None) or 1.0
-
-    def first_token(self, text: str) -> int:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(token_id)
 
     def next_token_scores(self, prompts, token_ids):
         "For each prompt: the (penalised) logits of `token_ids` as the next token, and the overall top-1 token id."
