@@ -1,0 +1,46 @@
+"""tools/replicate.py (the issue-7 replication driver): its macro-F1 and its paired bootstrap over SentiBench
+test examples, on real SentiBench labels."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from compeffdist.core import load_config, write_jsonl
+from compeffdist.sentibench import _slug, build_examples
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("replicate", ROOT / "tools" / "replicate.py")
+replicate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replicate)
+
+
+def test_macro_f1_is_sklearns():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        gold, pred = rng.integers(0, k, n), rng.integers(0, k + 1, n)
+        assert replicate.macro_f1(gold, pred, k + 1) == pytest.approx(
+            f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
+
+
+def test_bootstrap_on_real_labels(sentibench_root, tmp_path):
+    datasets = ["sc/sst2", "multifaced/irony18"]
+    cfg = load_config(ROOT / "configs" / "replication.yaml",
+                      {"evaluation.datasets": datasets, "evaluation.limit": 20, "evaluation.seeds": [42]})
+    golds = {d: [x.gold for x in build_examples(d, 4, 42, 20, 1200)] for d in datasets}
+    dirs = {"difficulty_10": tmp_path / "perfect", "random_10": tmp_path / "constant"}
+    for d, gold in golds.items():
+        write_jsonl(dirs["difficulty_10"] / f"{_slug(d)}.seed42.jsonl", [{"prediction": g} for g in gold])
+        write_jsonl(dirs["random_10"] / f"{_slug(d)}.seed42.jsonl", [{"prediction": " " + gold[0].upper()} for _ in gold])
+    b = replicate.bootstrap(cfg, dirs, reps=300)
+    expected = np.mean([100 * f1_score(g, [g[0]] * len(g), average="macro", zero_division=0) for g in golds.values()])
+    assert b["mean"] == {"difficulty_10": 100.0, "random_10": pytest.approx(expected, abs=0.01)}
+    assert b["ci95"]["difficulty_10"] == [100.0, 100.0]
+    lo, hi = b["ci95"]["random_10"]
+    assert lo <= b["mean"]["random_10"] <= hi and lo < hi
+    diff = b["differences"]["difficulty_10 - random_10"]
+    assert diff["mean"] == pytest.approx(100 - expected, abs=0.01) and diff["p_le_0"] == 0.0
+    assert json.dumps(b)  # what the script writes to results/replication.json

@@ -1,0 +1,174 @@
+"""The data-efficiency variants of the offline replication (issue 7, `nbs/20_replication.ipynb`).
+
+After `compeffdist run --config configs/replication.yaml` has finished (its difficulty stage has scored the corpus
+and its evaluation has scored the base student and the difficulty-prioritised 50% student), this script samples
+the scored corpus again for every other variant, fine-tunes a student on each subset with the run's training
+settings, evaluates it with the run's SentiBench protocol, and collects every result in one JSON file.
+
+    python tools/replicate.py --config configs/replication.yaml --results results/replication.json
+
+Each variant is resumable: a variant whose evaluation JSON exists is not trained again. Model weights stay in
+`<run.out>/variants/` (not in the repository).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compeffdist.core import load_config, read_jsonl, write_jsonl
+from compeffdist.pipeline import STAGES
+from compeffdist.sampling import sample_records
+from compeffdist.sentibench import _slug, build_examples, resolve_datasets
+
+# name: (method, group, rate). The pipeline's own student is the soft, per-instruction 50% variant.
+VARIANTS = {
+    "full": ("random", "instruction", 1.0),
+    "difficulty_10": ("soft", "instruction", 0.10),
+    "random_10": ("random", "instruction", 0.10),
+    "difficulty_25": ("soft", "instruction", 0.25),
+    "random_25": ("random", "instruction", 0.25),
+    "random_50": ("random", "instruction", 0.50),
+    "global_50": ("soft", "global", 0.50),
+}
+
+
+def cli(*args: str) -> None:
+    "Run one `compeffdist` command in a fresh process (each frees its model's memory on exit)."
+    cmd = [sys.executable, "-m", "compeffdist.cli", *args]
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def eval_args(cfg, model: str, name: str, out: Path) -> list[str]:
+    e = cfg.evaluation
+    return ["eval", "--model", model, "--name", name, "--out", str(out), "--datasets", ",".join(e.datasets),
+            "--shots", str(e.shots), "--seeds", ",".join(map(str, e.seeds)), "--limit", str(e.limit),
+            "--max-chars", str(e.max_chars), "--batch-size", str(e.batch_size), "--device", cfg.student.device,
+            "--dtype", cfg.student.dtype] + (["--fixed"] if e.fixed else [])
+
+
+def run_variant(cfg, config_path: str, run_dir: Path, name: str, method: str, group: str, rate: float) -> dict:
+    vdir = run_dir / "variants" / name
+    result_file = vdir / "eval" / f"{name}.json"
+    if not result_file.exists():
+        vdir.mkdir(parents=True, exist_ok=True)
+        scored = read_jsonl(run_dir / "difficulty" / "scored.jsonl")
+        kept = sample_records(scored, rate, method, group, cfg.sampling.a, cfg.sampling.seed, cfg.sampling.key)
+        write_jsonl(vdir / "kept.jsonl", kept)
+        t0 = time.time()
+        cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"))
+        (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        cli(*eval_args(cfg, str(vdir / "model"), name, vdir / "eval"))
+    res = json.loads(result_file.read_text())
+    return {"method": method, "group": group, "rate": rate, "kept": len(read_jsonl(vdir / "kept.jsonl")),
+            "train_seconds": float((vdir / "train_seconds.txt").read_text()), **summary(res)}
+
+
+def summary(res: dict) -> dict:
+    return {"mean": res["mean"], "family_means": res.get("family_means", {}),
+            "datasets": {d: v["score"] for d, v in res["datasets"].items()}, "eval_seconds": res.get("seconds")}
+
+
+# Paired comparisons reported with a bootstrap over test examples (the same resampled examples for every model).
+PAIRS = [("full", "base_student"), ("difficulty_50", "base_student"), ("difficulty_10", "random_10"),
+         ("difficulty_25", "random_25"), ("difficulty_50", "random_50"), ("difficulty_50", "global_50"),
+         ("difficulty_10", "full"), ("difficulty_50", "full")]
+
+
+def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
+    "Macro-F1 over the labels seen in gold or pred (sklearn's `f1_score(average='macro', zero_division=0)`)."
+    tp = np.bincount(gold[gold == pred], minlength=n_labels)
+    n_gold, n_pred = np.bincount(gold, minlength=n_labels), np.bincount(pred, minlength=n_labels)
+    seen = (n_gold + n_pred) > 0
+    f1 = np.divide(2 * tp, n_gold + n_pred, out=np.zeros(n_labels), where=seen)
+    return float(f1[seen].mean())
+
+
+def bootstrap(cfg, pred_dirs: dict[str, Path], reps: int = 2000, seed: int = 0) -> dict:
+    """95% intervals of each model's SentiBench mean and of paired differences, resampling the test examples of
+    every dataset (the same draw for all models and seeds)."""
+    e = cfg.evaluation
+    datasets = resolve_datasets(e.datasets)
+    rng = np.random.default_rng(seed)
+    means = {m: np.zeros(reps + 1) for m in pred_dirs}  # column 0: the full test set (the reported mean)
+    for d in datasets:
+        for s in e.seeds:
+            gold = [x.gold for x in build_examples(d, e.shots, s, e.limit, e.max_chars, e.fixed)]
+            preds = {m: [r["prediction"].strip().lower() for r in read_jsonl(p / f"{_slug(d)}.seed{s}.jsonl")]
+                     for m, p in pred_dirs.items()}
+            labels = {l: i for i, l in enumerate(sorted(set(gold).union(*map(set, preds.values()))))}
+            g = np.array([labels[x] for x in gold])
+            draws = [np.arange(len(g))] + [rng.integers(0, len(g), len(g)) for _ in range(reps)]
+            for m, p in preds.items():
+                p = np.array([labels[x] for x in p])
+                means[m] += [100 * macro_f1(g[i], p[i], len(labels)) / (len(datasets) * len(e.seeds)) for i in draws]
+    ci = lambda x: [round(float(v), 2) for v in np.percentile(x[1:], [2.5, 97.5])]
+    out = {"reps": reps, "mean": {m: round(float(v[0]), 2) for m, v in means.items()},
+           "ci95": {m: ci(v) for m, v in means.items()}, "differences": {}}
+    for a, b in PAIRS:
+        if a in means and b in means:
+            diff = means[a] - means[b]
+            out["differences"][f"{a} - {b}"] = {"mean": round(float(diff[0]), 2), "ci95": ci(diff),
+                                                "p_le_0": round(float((diff[1:] <= 0).mean()), 3)}
+    return out
+
+
+def pipeline_summary(run_dir: Path) -> dict:
+    "Per stage of the run: wall seconds, counts, drops by reason and teacher calls (from its manifest)."
+    out = {}
+    for stage in STAGES:
+        if not (m := run_dir / stage.name / "manifest.json").is_file():
+            continue
+        man = json.loads(m.read_text())
+        st, t = man["stats"], man["stats"]["info"].get("teacher")
+        out[man["stage"]] = {"seconds": round(man["seconds"], 1), "counts": st["counts"], "drops": st["drops"]}
+        if t:
+            out[man["stage"]]["teacher"] = {k: t[k] for k in ("misses", "hits", "completion_tokens", "seconds")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/replication.yaml")
+    ap.add_argument("--results", default="results/replication.json")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config)
+    run_dir = Path(cfg.run.out)
+    ev = run_dir / "evaluation"
+    if not (ev / "student.json").exists():
+        sys.exit(f"{ev}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
+    sampled = read_jsonl(run_dir / "sampling" / "kept.jsonl")
+    results = {"config": a.config, "protocol": json.loads((ev / "student.json").read_text())["protocol"],
+               "corpus": len(read_jsonl(run_dir / "difficulty" / "scored.jsonl")),
+               "pipeline": pipeline_summary(run_dir),
+               "models": {"base_student": summary(json.loads((ev / "base_student.json").read_text())),
+                          "difficulty_50": {"method": cfg.sampling.method, "group": cfg.sampling.group,
+                                            "rate": cfg.sampling.rate, "kept": len(sampled),
+                                            **summary(json.loads((ev / "student.json").read_text()))}}}
+    names = [n for n in a.only.split(",") if n] or list(VARIANTS)
+    out = Path(a.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        results["models"][name] = run_variant(cfg, a.config, run_dir, name, *VARIANTS[name])
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after every variant: nothing finished is lost
+        print(f"{name}: mean {results['models'][name]['mean']:.2f}", flush=True)
+    pred_dirs = {"base_student": ev / "predictions" / "base_student", "difficulty_50": ev / "predictions" / "student"}
+    pred_dirs |= {n: run_dir / "variants" / n / "eval" / "predictions" / n for n in results["models"] if n not in pred_dirs}
+    results["bootstrap"] = bootstrap(cfg, pred_dirs)
+    for m, v in results["bootstrap"]["mean"].items():  # the rescored predictions give the reported means
+        assert abs(v - results["models"][m]["mean"]) < 0.01, (m, v, results["models"][m]["mean"])
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for k, v in results["bootstrap"]["differences"].items():
+        print(f"{k}: {v['mean']:+.2f} (95% CI {v['ci95'][0]:+.2f} .. {v['ci95'][1]:+.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
