@@ -44,3 +44,14 @@ def test_bootstrap_on_real_labels(sentibench_root, tmp_path):
     diff = b["differences"]["difficulty_10 - random_10"]
     assert diff["mean"] == pytest.approx(100 - expected, abs=0.01) and diff["p_le_0"] == 0.0
     assert json.dumps(b)  # what the script writes to results/replication.json
+
+
+def test_eval_args_follow_the_config():
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
+    assert args[args.index("--limit") + 1] == "50" and args[args.index("--max-chars") + 1] == "1200"
+    assert args[args.index("--datasets") + 1].split(",") == cfg.evaluation.datasets
+    cfg = load_config(ROOT / "configs" / "replication.yaml",
+                      {"evaluation.datasets": "all", "evaluation.limit": None, "evaluation.max_chars": None})
+    args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
+    assert args[args.index("--datasets") + 1] == "all" and "--limit" not in args and "--max-chars" not in args

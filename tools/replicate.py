@@ -46,11 +46,15 @@ def cli(*args: str) -> None:
 
 
 def eval_args(cfg, model: str, name: str, out: Path) -> list[str]:
+    "The `compeffdist eval` arguments of the config's evaluation protocol (unset limits left out)."
     e = cfg.evaluation
-    return ["eval", "--model", model, "--name", name, "--out", str(out), "--datasets", ",".join(e.datasets),
-            "--shots", str(e.shots), "--seeds", ",".join(map(str, e.seeds)), "--limit", str(e.limit),
-            "--max-chars", str(e.max_chars), "--batch-size", str(e.batch_size), "--device", cfg.student.device,
-            "--dtype", cfg.student.dtype] + (["--fixed"] if e.fixed else [])
+    datasets = e.datasets if isinstance(e.datasets, str) else ",".join(e.datasets)
+    args = ["eval", "--model", model, "--name", name, "--out", str(out), "--datasets", datasets,
+            "--shots", str(e.shots), "--seeds", ",".join(map(str, e.seeds)), "--batch-size", str(e.batch_size),
+            "--device", cfg.student.device, "--dtype", cfg.student.dtype]
+    args += ["--limit", str(e.limit)] if e.limit is not None else []
+    args += ["--max-chars", str(e.max_chars)] if e.max_chars is not None else []
+    return args + (["--fixed"] if e.fixed else [])
 
 
 def run_variant(cfg, config_path: str, run_dir: Path, name: str, method: str, group: str, rate: float) -> dict:
