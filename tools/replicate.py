@@ -77,10 +77,15 @@ def run_variant(cfg, config_path: str, run_dir: Path, name: str, method: str, gr
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"), *steps)
         (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
         cli(*eval_args(cfg, str(vdir / "model"), name, vdir / "eval"))
-    card = read_json(vdir / "model" / "card.json")
     return {"method": method, "group": group, "rate": rate, "kept": len(read_jsonl(vdir / "kept.jsonl")),
-            "steps": card["steps"], "train_seconds": float((vdir / "train_seconds.txt").read_text()),
+            **train_card(vdir / "model"), "train_seconds": float((vdir / "train_seconds.txt").read_text()),
             **summary(read_json(result_file))}
+
+
+def train_card(model_dir: Path) -> dict:
+    "Optimizer steps and final training loss of a trained student (from its model card)."
+    card = read_json(model_dir / "card.json")
+    return {"steps": card["steps"], "final_loss": round(card["final_loss"], 4)}
 
 
 def summary(res: dict) -> dict:
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                "models": {"base_student": summary(read_json(ev / "base_student.json")),
                           "difficulty_50": {"method": cfg.sampling.method, "group": cfg.sampling.group,
                                             "rate": cfg.sampling.rate, "kept": len(sampled),
-                                            "steps": read_json(run_dir / "training" / "model" / "card.json")["steps"],
+                                            **train_card(run_dir / "training" / "model"),
                                             **summary(read_json(ev / "student.json"))}}}
     names = [n for n in a.only.split(",") if n] or list(VARIANTS)
     out = Path(a.results)
