@@ -180,15 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     pred_dirs = {"base_student": ev / "predictions" / "base_student", "difficulty_50": ev / "predictions" / "student"}
-    for name in [None] + names:  # after every variant the results file is whole: nothing finished is lost
-        if name:
-            results["models"][name] = run_variant(cfg, a.config, run_dir, name, *VARIANTS[name])
-            pred_dirs[name] = run_dir / "variants" / name / "eval" / "predictions" / name
-            print(f"{name}: mean {results['models'][name]['mean']:.2f}", flush=True)
+
+    def save():  # called after every variant, so the results file is whole: nothing finished is lost
         results["bootstrap"] = bootstrap(cfg, pred_dirs)
         for m, v in results["bootstrap"]["mean"].items():  # the rescored predictions give the reported means
             assert abs(v - results["models"][m]["mean"]) < 0.01, (m, v, results["models"][m]["mean"])
         out.write_text(json.dumps(results, indent=1) + "\n")
+
+    save()
+    for name in names:
+        results["models"][name] = run_variant(cfg, a.config, run_dir, name, *VARIANTS[name])
+        pred_dirs[name] = run_dir / "variants" / name / "eval" / "predictions" / name
+        print(f"{name}: mean {results['models'][name]['mean']:.2f}", flush=True)
+        save()
     for k, v in results["bootstrap"]["differences"].items():
         print(f"{k}: {v['mean']:+.2f} (95% CI {v['ci95'][0]:+.2f} .. {v['ci95'][1]:+.2f})")
     return 0
