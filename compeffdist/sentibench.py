@@ -276,10 +276,37 @@ def extract_answer(prompt: str, continuation: str, shots: int, fixed: bool = Fal
     return tail[:j + 1] + "]" if j != -1 else "Error: Sixth output not found"
 
 
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+# what finishes a JSON token cut off at the end of the text: a number ('-', '1.', '1e+'), a string, also inside an
+# escape ('"a', '"a\\', '"\\u12'); literals ('tr', '-Inf') are finished from `_LITERALS`
+_TOKEN_ENDINGS = ("", "0", '"', 'n"', '0"', '00"', '000"', '0000"')
+
+
+def _array_state(text: str, i: int) -> str:
+    "The array opened at `text[i]`: 'complete', 'pending' (the text ran out inside it) or 'broken' (nothing can finish it)."
+    dec = json.JSONDecoder()
+    endings = _TOKEN_ENDINGS + tuple(lit[k:] for lit in _LITERALS for k in range(1, len(lit)) if text.endswith(lit[:k]))
+    for ending in endings:
+        t = text + ending
+        try:
+            dec.raw_decode(t, i)
+            return "pending" if ending else "complete"
+        except json.JSONDecodeError as err:
+            if err.pos >= len(t):
+                return "pending"
+    return "broken"
+
+
 def answer_complete(prompt: str, continuation: str, shots: int, fixed: bool = False) -> bool:
     "True once more generated text can no longer change the extracted answer."
     if fixed:
-        return "\nSentence:" in continuation or _first_json_array(continuation) is not None
+        if "\nSentence:" in continuation:
+            return True
+        for i in (j for j, ch in enumerate(continuation) if ch == "["):
+            state = _array_state(continuation, i)
+            if state != "broken":
+                return state == "complete"
+        return False
     return "]" in continuation and len(_OUTPUT.findall(prompt + continuation)) >= shots + 1
 
 

@@ -83,6 +83,26 @@ def test_early_stop_never_changes_the_extracted_answer(pieces, fixed):
             break
 
 
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-99, 99) | st.floats(allow_nan=True) | st.text("a]\\\"\u00e9[ ", max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text("ab", max_size=2), inner, max_size=3),
+    max_leaves=8)
+JSON_PIECES = st.sampled_from(['[', ']', '{', '}', '"', '\\', ':', ',', ' ', '1', '.', 'e', '-', 'tr', 'x',
+                               '\nSentence: c\n'])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(JSON_PIECES, max_size=6), st.lists(JSON_VALUES, max_size=3), st.lists(JSON_PIECES, max_size=6))
+def test_early_stop_never_changes_the_fixed_answer_of_json_text(before, values, after):
+    "The same property, `fixed=True`, on JSON values (nested, with strings, escapes, numbers, literals) among noise."
+    text = "".join(before) + " ".join(json.dumps(v) for v in values) + "".join(after)
+    full = extract_answer(PROMPT, text, shots=1, fixed=True)
+    for i in range(len(text) + 1):
+        if answer_complete(PROMPT, text[:i], shots=1, fixed=True):
+            assert extract_answer(PROMPT, text[:i], shots=1, fixed=True) == full
+            break
+
 # --- ATSA / ACSA / ASQP: micro-F1 with the reference's invalid-item rules --------------------------------------
 
 S = "The sushi was great but the service slow ."
