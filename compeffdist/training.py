@@ -222,6 +222,7 @@ def train_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output model folder (with --data)")
     ap.add_argument("--model", help="student model spec (overrides student.model)")
     ap.add_argument("--epochs", type=float); ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--seed", type=int, help="training seed (overrides training.seed)")
     ap.add_argument("--lr", type=float, dest="learning_rate")
     ap.add_argument("--batch-size", type=int, dest="per_device_batch_size")
     ap.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
@@ -237,7 +238,7 @@ def train_cli(argv: list[str] | None = None) -> int:
     student = cfg.student if cfg else ModelConfig(model=a.model or "smollm2-135m-instruct")
     student = student.model_copy(update={k: v for k, v in {"model": a.model, "device": a.device}.items() if v})
     over = {k: getattr(a, k) for k in ("epochs", "max_steps", "learning_rate", "per_device_batch_size",
-                                       "gradient_accumulation_steps", "max_length", "lora") if getattr(a, k) is not None}
+                                       "gradient_accumulation_steps", "max_length", "lora", "seed") if getattr(a, k) is not None}
     try:  # overrides are validated like the config
         tc = TrainingConfig.model_validate({**(cfg.training if cfg else TrainingConfig()).model_dump(), **over})
     except ValidationError as e:

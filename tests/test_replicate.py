@@ -55,3 +55,25 @@ def test_eval_args_follow_the_config():
                       {"evaluation.datasets": "all", "evaluation.limit": None, "evaluation.max_chars": None})
     args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
     assert args[args.index("--datasets") + 1] == "all" and "--limit" not in args and "--max-chars" not in args
+
+
+def test_the_mean_over_draws_is_bootstrapped_as_one_model(sentibench_root, tmp_path):
+    datasets = ["sc/sst2"]
+    cfg = load_config(ROOT / "configs" / "replication.yaml",
+                      {"evaluation.datasets": datasets, "evaluation.limit": 30, "evaluation.seeds": [42]})
+    gold = [x.gold for x in build_examples(datasets[0], 4, 42, 30, 1200)]
+    wrong = {"positive": "negative", "negative": "positive"}
+    dirs = {}
+    for group, members in replicate.DRAW_MEANS.items():
+        for k, m in enumerate(members):  # draw k gets its first 10k predictions wrong
+            dirs[m] = tmp_path / m
+            write_jsonl(dirs[m] / f"{_slug(datasets[0])}.seed42.jsonl",
+                        [{"prediction": wrong[g] if i < 10 * k else g} for i, g in enumerate(gold)])
+    b = replicate.bootstrap(cfg, dirs, reps=200)
+    for group, members in replicate.DRAW_MEANS.items():
+        assert b["mean"][group] == pytest.approx(np.mean([b["mean"][m] for m in members]), abs=0.02)
+        assert b["mean"][members[0]] == 100.0 > b["mean"][members[1]] > b["mean"][members[2]]
+    diff = b["differences"]["difficulty_10_20steps_x3 - random_10_20steps_x3"]
+    assert diff["mean"] == 0 and diff["ci95"] == [0.0, 0.0]  # the same predictions in both groups
+    del dirs["random_10_20steps_seed2"]  # a group with a draw missing is not reported
+    assert "random_10_20steps_x3" not in replicate.bootstrap(cfg, dirs, reps=10)["mean"]
