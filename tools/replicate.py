@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                 for r in read_jsonl(run_dir / "instructions" / "instructions.jsonl")],
                "models": {"base_student": summary(read_json(ev / "base_student.json")),
                           "difficulty_50": {"method": cfg.sampling.method, "group": cfg.sampling.group,
-                                            "rate": cfg.sampling.rate, "kept": len(sampled),
+                                            "rate": cfg.sampling.rate, "seed": 0, "kept": len(sampled),
                                             **train_card(run_dir / "training" / "model"),
                                             **summary(read_json(ev / "student.json"))}}}
     names = [n for n in a.only.split(",") if n] or list(VARIANTS)
