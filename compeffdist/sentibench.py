@@ -283,7 +283,7 @@ _TOKEN_ENDINGS = ("", "0", '"', 'n"', '0"', '00"', '000"', '0000"')
 
 
 def _array_state(text: str, i: int) -> str:
-    "The array opened at `text[i]`: 'complete', 'pending' (the text ran out inside it) or 'broken' (nothing can finish it)."
+    "The array opened at `text[i]`: 'complete', 'pending' (the text ran out inside it) or 'broken' (for good)."
     dec = json.JSONDecoder()
     endings = _TOKEN_ENDINGS + tuple(lit[k:] for lit in _LITERALS for k in range(1, len(lit)) if text.endswith(lit[:k]))
     for ending in endings:
@@ -302,9 +302,8 @@ def answer_complete(prompt: str, continuation: str, shots: int, fixed: bool = Fa
     if fixed:
         if "\nSentence:" in continuation:
             return True
-        for i in (j for j, ch in enumerate(continuation) if ch == "["):
-            state = _array_state(continuation, i)
-            if state != "broken":
+        for i, ch in enumerate(continuation):  # the first '[' that can still be (or is) an array decides
+            if ch == "[" and (state := _array_state(continuation, i)) != "broken":
                 return state == "complete"
         return False
     return "]" in continuation and len(_OUTPUT.findall(prompt + continuation)) >= shots + 1

@@ -83,7 +83,6 @@ def test_early_stop_never_changes_the_extracted_answer(pieces, fixed):
             break
 
 
-
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-99, 99) | st.floats(allow_nan=True) | st.text("a]\\\"\u00e9[ ", max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text("ab", max_size=2), inner, max_size=3),
@@ -102,6 +101,7 @@ def test_early_stop_never_changes_the_fixed_answer_of_json_text(before, values, 
         if answer_complete(PROMPT, text[:i], shots=1, fixed=True):
             assert extract_answer(PROMPT, text[:i], shots=1, fixed=True) == full
             break
+
 
 # --- ATSA / ACSA / ASQP: micro-F1 with the reference's invalid-item rules --------------------------------------
 
