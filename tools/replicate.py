@@ -43,7 +43,8 @@ VARIANTS = {  # in the order they run: the comparisons at 50% and 10% first
     "difficulty_25_20steps": ("soft", "instruction", 0.25, 20, 0),
     "random_25_20steps": ("random", "instruction", 0.25, 20, 0),
 } | {f"{name}_seed{k}": (method, "instruction", 0.10, 20, k)  # two more draws of the equal-step 10% pair
-     for k in (1, 2) for name, method in (("difficulty_10_20steps", "soft"), ("random_10_20steps", "random"))}
+     for k in (1, 2) for name, method in (("difficulty_10_20steps", "soft"), ("random_10_20steps", "random"))} | {
+    "full_seed1": ("random", "instruction", 1.0, None, 1)}  # the whole corpus again, in another training order
 # The mean over the three draws of a variant (bootstrapped like one model: the average of its draws' scores).
 DRAW_MEANS = {f"{name}_x3": [name, f"{name}_seed1", f"{name}_seed2"]
               for name in ("difficulty_10_20steps", "random_10_20steps")}
@@ -106,7 +107,8 @@ PAIRS = [("full", "base_student"), ("difficulty_50", "base_student"), ("difficul
          ("difficulty_25_20steps", "random_25_20steps"), ("difficulty_10_20steps", "full"),
          ("difficulty_25_20steps", "full"), ("difficulty_10_20steps_seed1", "random_10_20steps_seed1"),
          ("difficulty_10_20steps_seed2", "random_10_20steps_seed2"),
-         ("difficulty_10_20steps_x3", "random_10_20steps_x3"), ("difficulty_10_20steps_x3", "full")]
+         ("difficulty_10_20steps_x3", "random_10_20steps_x3"), ("difficulty_10_20steps_x3", "full"),
+         ("full_seed1", "full"), ("full_seed1", "base_student")]
 
 
 def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
