@@ -25,8 +25,8 @@ __all__ = ['CLASSIFICATION_INSTRUCTIONS', 'MAX_NEW_TOKENS', 'INVALID', 'ROLE_ORD
            'answer_json', 'Example', 'build_examples', 'extract_answer', 'answer_complete', 'parse_answer',
            'predicted_items', 'micro_f1', 'space_spans', 'opinion_tuples', 'predicted_opinions', 'weighted_tuple_f1',
            'score_predictions', 'HFBackend', 'LlamaCppBackend', 'VLLMBackend', 'open_backend', 'verbalizer',
-           'resolve_datasets', 'predict', 'evaluate_model', 'load_results', 'results_table', 'plot_scores',
-           'write_report', 'evaluation_models', 'run_evaluation', 'eval_cli']
+           'resolve_datasets', 'prediction_key', 'predict', 'evaluate_model', 'load_results', 'results_table',
+           'plot_scores', 'write_report', 'evaluation_models', 'run_evaluation', 'eval_cli']
 
 # %% ../nbs/18_sentibench.ipynb #90806d3c
 _SA = ("Please perform Sentiment Analysis task. Given the sentence, assign a sentiment polarity label from {labels}. "
@@ -788,19 +788,44 @@ def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
-def predict(backend, name: str, examples: Sequence[Example], shots: int = 4, fixed: bool = False) -> tuple[list, dict]:
-    "Raw predictions of a backend on a dataset's examples (labels or continuations), and diagnostics."
-    ds = sentibench_dataset(name)
-    prompts = [e.prompt for e in examples]
+def prediction_key(backend, prompt: str) -> str:
+    "The key of one raw prediction: the model's identity and the exact prompt (decoding is greedy: same key, same answer)."
+    return stable_hash([backend.ref.identity, prompt])
+
+
+def predict(backend, name: str, examples: Sequence[Example], shots: int = 4, fixed: bool = False,
+            known: dict | None = None) -> tuple[list, dict]:
+    """Raw predictions of a backend on a dataset's examples (labels or continuations), each with its `key`, and
+    diagnostics. Rows in `known` (key -> row, from an earlier evaluation of the same model) are reused, not rerun."""
+    ds, known = sentibench_dataset(name), known or {}
+    keys = [prediction_key(backend, e.prompt) for e in examples]
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    prompts = [examples[i].prompt for i in todo]
     if ds.family == "FSA":
         conts = backend.generate(prompts, MAX_NEW_TOKENS.get(ds.name, 150),
-                                 done=lambda p, c: answer_complete(p, c, shots, fixed))
-        return [{"prediction": c} for c in conts], {}
-    ids = verbalizer(backend, ds.name)
-    rows = backend.next_token_scores(prompts, ids)
-    preds = [{"prediction": ds.labels[max(range(len(ids)), key=lambda k: s[k])], "scores": s} for s, _ in rows]
-    # how often the model's own top-1 next token is a verbalizer token (low values: the prompt format is not followed)
-    return preds, {"top1_in_verbalizer": sum(t in ids for _, t in rows) / max(1, len(rows))}
+                                 done=lambda p, c: answer_complete(p, c, shots, fixed)) if prompts else []
+        new = [{"prediction": c} for c in conts]
+    else:
+        ids = verbalizer(backend, ds.name)
+        rows = backend.next_token_scores(prompts, ids) if prompts else []
+        # top1_in_verbalizer: the model's own top-1 next token is a verbalizer token (if rarely: the format is not followed)
+        new = [{"prediction": ds.labels[max(range(len(ids)), key=lambda k: s[k])], "scores": s,
+                "top1_in_verbalizer": t in ids} for s, t in rows]
+    fresh = dict(zip(todo, new))
+    preds = [{**(fresh[i] if i in fresh else known[k]), "key": k} for i, k in enumerate(keys)]
+    diag = {"reused": len(examples) - len(todo)}
+    if ds.family != "FSA":
+        flags = [p["top1_in_verbalizer"] for p in preds if "top1_in_verbalizer" in p]
+        diag["top1_in_verbalizer"] = sum(flags) / max(1, len(flags))
+    return preds, diag
+
+
+def _known_predictions(path: Path) -> dict:
+    "Key -> row of a predictions file written earlier (none if it is missing or unreadable)."
+    try:
+        return {r["key"]: r for r in read_jsonl(path) if isinstance(r, dict) and "key" in r} if path.is_file() else {}
+    except CompeffdistError:
+        return {}
 
 
 def _mean(xs):
@@ -840,8 +865,9 @@ def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str
                 continue
             t0 = time.perf_counter()
             examples = build_examples(ds_name, shots, seed, limit, max_chars, fixed, root)
-            preds, diag = predict(backend, ds_name, examples, shots, fixed)
-            write_jsonl(out_dir / "predictions" / name / f"{_slug(ds_name)}.seed{seed}.jsonl", preds)
+            pred_path = out_dir / "predictions" / name / f"{_slug(ds_name)}.seed{seed}.jsonl"
+            preds, diag = predict(backend, ds_name, examples, shots, fixed, _known_predictions(pred_path))
+            write_jsonl(pred_path, preds)
             m = score_predictions(ds_name, examples, [p["prediction"] for p in preds], shots, fixed)
             m.update(diag, n=len(examples), seconds=round(time.perf_counter() - t0, 2))
             entry["seeds"][str(seed)] = m
@@ -850,8 +876,9 @@ def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str
             res["versions"] = package_versions()
             write_json(path, res)
             if log:
+                reused = f", {m['reused']} reused" if m["reused"] else ""
                 log(f"{name}: {ds_name} seed {seed}: {m['metric']} {100 * m['f1']:.1f} "
-                    f"({len(examples)} examples, {m['seconds']:.0f}s)")
+                    f"({len(examples)} examples{reused}, {m['seconds']:.0f}s)")
     return res
 
 # %% ../nbs/18_sentibench.ipynb #6874aff2

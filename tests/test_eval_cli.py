@@ -130,3 +130,54 @@ def test_evaluation_stage(sentibench_root, tmp_path):
     assert res["model"] == "smollm2-135m-instruct" and res["protocol"]["limit"] == 2
     assert stats.info["base_student_mean"] == pytest.approx(round(res["mean"], 2))
     assert (tmp_path / "evaluation" / "table.md").is_file() and (tmp_path / "evaluation" / "scores.png").is_file()
+
+
+class _CountingBackend:
+    "Scores each prompt by its length (a fake model): the prompts it was asked are recorded."
+    name = "fake"
+
+    def __init__(self, identity="fake@1"):
+        from types import SimpleNamespace
+        self.ref, self.asked = SimpleNamespace(identity=identity, spec="fake"), []
+
+    def first_token(self, text):
+        return {" positive": 1, " negative": 2}[text]
+
+    def next_token_scores(self, prompts, token_ids):
+        self.asked += prompts
+        return [([float(len(p) % 2), 0.5], 1) for p in prompts]
+
+
+def test_predict_reuses_known_rows_of_the_same_model_only():
+    from compeffdist.sentibench import Example, predict
+    ex = [Example(i, f"prompt {'x' * i}", "s", "positive", {}) for i in range(5)]
+    first, diag = predict(_CountingBackend(), "sc/sst2", ex[:3])
+    assert diag["reused"] == 0 and len({r["key"] for r in first}) == 3
+    model = _CountingBackend()
+    rows, diag = predict(model, "sc/sst2", ex, known={r["key"]: r for r in first})
+    assert model.asked == [e.prompt for e in ex[3:]] and diag["reused"] == 3
+    assert rows[:3] == first and [r["prediction"] for r in rows] == ["negative", "positive"] * 2 + ["negative"]
+    other = _CountingBackend("fake@2")  # another model: nothing of the first one is reused
+    _, diag = predict(other, "sc/sst2", ex, known={r["key"]: r for r in first})
+    assert other.asked == [e.prompt for e in ex] and diag["reused"] == 0
+
+
+@pytest.mark.sentibench
+def test_a_larger_limit_runs_only_the_new_examples(sentibench_root, tmp_path, capsys):
+    "Raising --limit reuses the predictions already made; the new rows are those of a fresh run with that limit."
+    datasets = "sc/sst2,absa/atsa_rest16"
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    pred = lambda out, d: [json.loads(l) for l in
+                           (out / "predictions" / "smollm2-135m-instruct" / f"{d}.seed42.jsonl").read_text().splitlines()]
+    assert _eval(grown, datasets, 3) == 0
+    before = {d: pred(grown, d) for d in ("sc_sst2", "absa_atsa_rest16")}
+    capsys.readouterr()
+    assert _eval(grown, datasets, 5) == 0
+    assert capsys.readouterr().out.count("(5 examples, 3 reused,") == 2
+    assert _eval(fresh, datasets, 5) == 0
+    res = json.loads((grown / "smollm2-135m-instruct.json").read_text())
+    assert res["protocol"]["limit"] == 5 and all(e["seeds"]["42"]["reused"] == 3 for e in res["datasets"].values())
+    for d, rows in before.items():
+        now, new = pred(grown, d), pred(fresh, d)
+        assert now[:3] == rows and [r["key"] for r in now] == [r["key"] for r in new]
+    assert [r["prediction"] for r in pred(grown, "sc_sst2")] == [r["prediction"] for r in pred(fresh, "sc_sst2")]

@@ -77,3 +77,25 @@ def test_the_mean_over_draws_is_bootstrapped_as_one_model(sentibench_root, tmp_p
     assert diff["mean"] == 0 and diff["ci95"] == [0.0, 0.0]  # the same predictions in both groups
     del dirs["random_10_20steps_seed2"]  # a group with a draw missing is not reported
     assert "random_10_20steps_x3" not in replicate.bootstrap(cfg, dirs, reps=10)["mean"]
+
+
+def test_another_limit_is_evaluated_in_its_own_folder(tmp_path):
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    assert replicate.eval_dir(cfg, cfg.evaluation.limit, tmp_path / "eval") == tmp_path / "eval"
+    cfg100 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 100})
+    assert replicate.eval_dir(cfg100, cfg.evaluation.limit, tmp_path / "eval") == tmp_path / "eval_limit100"
+
+
+def test_an_interrupted_evaluation_is_not_finished(tmp_path):
+    from compeffdist.core import write_json
+    over = {"evaluation.datasets": ["sc/sst2", "sc/imdb"], "evaluation.seeds": [42, 52]}
+    cfg = load_config(ROOT / "configs" / "replication.yaml", over)
+    path = tmp_path / "m.json"
+    assert not replicate.finished(cfg, path)
+    res = {"protocol": {"limit": 50}, "datasets": {"sc/sst2": {"seeds": {"42": {}, "52": {}}}, "sc/imdb": {"seeds": {"42": {}}}}}
+    write_json(path, res)
+    assert not replicate.finished(cfg, path)  # sc/imdb seed 52 is missing
+    res["datasets"]["sc/imdb"]["seeds"]["52"] = {}
+    write_json(path, res)
+    assert replicate.finished(cfg, path)
+    assert not replicate.finished(load_config(ROOT / "configs" / "replication.yaml", over | {"evaluation.limit": 100}), path)

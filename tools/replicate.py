@@ -7,13 +7,17 @@ settings, evaluates it with the run's SentiBench protocol, and collects every re
 
     python tools/replicate.py --config configs/replication.yaml --results results/replication.json
 
-Each variant is resumable: a variant whose evaluation JSON exists is not trained again. Model weights stay in
+`--limit N` evaluates the students again with the first N test examples of each dataset (in `<eval>_limit<N>`
+folders, reusing the predictions of the examples they share with the config's limit); `--only` picks variants.
+
+Each variant is resumable: a trained variant is not trained again, a finished evaluation not run again. Model weights stay in
 `<run.out>/variants/` (not in the repository).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -69,11 +73,39 @@ def eval_args(cfg, model: str, name: str, out: Path) -> list[str]:
     return args + (["--fixed"] if e.fixed else [])
 
 
-def run_variant(cfg, config_path: str, run_dir: Path, name: str, method: str, group: str, rate: float,
-                max_steps: int | None, seed: int) -> dict:
+def eval_dir(cfg, default_limit, default: Path) -> Path:
+    "Where a model's evaluation goes: `default` under the config's own limit, `<default>_limit<N>` under another."
+    n = cfg.evaluation.limit
+    return default if n == default_limit else default.with_name(f"{default.name}_limit{n}")
+
+
+def finished(cfg, result: Path) -> bool:
+    "Whether a results JSON holds every dataset and seed of `cfg`'s protocol (an interrupted evaluation does not)."
+    if not result.exists():
+        return False
+    res, e = read_json(result), cfg.evaluation
+    return res.get("protocol", {}).get("limit") == e.limit and all(
+        str(s) in res["datasets"].get(d, {}).get("seeds", {}) for d in resolve_datasets(e.datasets) for s in e.seeds)
+
+
+def evaluate(cfg, model: str, name: str, out: Path, earlier: Path) -> dict:
+    """The results of `model` under `cfg`'s protocol (`<out>/<name>.json`), evaluated now if missing. The predictions
+    of an earlier evaluation of the same model (`earlier`, e.g. with fewer test examples) are copied in first, so
+    the prompts they share are not run again."""
+    result = out / f"{name}.json"
+    if not finished(cfg, result):
+        src, dst = earlier / "predictions" / name, out / "predictions" / name
+        if src.is_dir() and not dst.exists():
+            shutil.copytree(src, dst)
+        cli(*eval_args(cfg, model, name, out))
+    return read_json(result)
+
+
+def run_variant(cfg, default_limit, config_path: str, run_dir: Path, name: str, method: str, group: str, rate: float,
+                max_steps: int | None, seed: int) -> tuple[dict, Path]:
+    "Sample, train (unless trained) and evaluate (unless evaluated) one variant; its results and predictions folder."
     vdir = run_dir / "variants" / name
-    result_file = vdir / "eval" / f"{name}.json"
-    if not result_file.exists():
+    if not (vdir / "model" / "card.json").exists():
         vdir.mkdir(parents=True, exist_ok=True)
         scored = read_jsonl(run_dir / "difficulty" / "scored.jsonl")
         kept = sample_records(scored, rate, method, group, cfg.sampling.a, cfg.sampling.seed + seed, cfg.sampling.key)
@@ -83,10 +115,11 @@ def run_variant(cfg, config_path: str, run_dir: Path, name: str, method: str, gr
         steps += ["--seed", str(cfg.training.seed + seed)] if seed else []
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"), *steps)
         (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
-        cli(*eval_args(cfg, str(vdir / "model"), name, vdir / "eval"))
-    return {"method": method, "group": group, "rate": rate, "seed": seed, "kept": len(read_jsonl(vdir / "kept.jsonl")),
-            **train_card(vdir / "model"), "train_seconds": float((vdir / "train_seconds.txt").read_text()),
-            **summary(read_json(result_file))}
+    out = eval_dir(cfg, default_limit, vdir / "eval")
+    res = evaluate(cfg, str(vdir / "model"), name, out, vdir / "eval")
+    return ({"method": method, "group": group, "rate": rate, "seed": seed, "kept": len(read_jsonl(vdir / "kept.jsonl")),
+             **train_card(vdir / "model"), "train_seconds": float((vdir / "train_seconds.txt").read_text()),
+             **summary(res)}, out / "predictions" / name)
 
 
 def train_card(model_dir: Path) -> dict:
@@ -171,24 +204,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/replication.yaml")
     ap.add_argument("--results", default="results/replication.json")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--limit", type=int, help="evaluate with the first N test examples of each dataset instead of the "
+                    "config's limit (in separate folders; the predictions already made are reused)")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config)
+    cfg0 = load_config(a.config)
+    cfg = load_config(a.config, {"evaluation.limit": a.limit}) if a.limit else cfg0
+    default_limit = cfg0.evaluation.limit
     run_dir = Path(cfg.run.out)
-    ev = run_dir / "evaluation"
-    if not (ev / "student.json").exists():
-        sys.exit(f"{ev}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
+    ev0 = run_dir / "evaluation"
+    if not (ev0 / "student.json").exists():
+        sys.exit(f"{ev0}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
+    ev = eval_dir(cfg, default_limit, ev0)
+    base = evaluate(cfg, cfg.student.model, "base_student", ev, ev0)
+    student = evaluate(cfg, str(run_dir / "training" / "model"), "student", ev, ev0)
     sampled = read_jsonl(run_dir / "sampling" / "kept.jsonl")
-    results = {"config": a.config, "protocol": read_json(ev / "student.json")["protocol"],
+    results = {"config": a.config, "protocol": student["protocol"],
                "corpus": len(read_jsonl(run_dir / "difficulty" / "scored.jsonl")),
                "pipeline": pipeline_summary(run_dir),
                "instructions": [{k: r.get(k) for k in ("id", "attribute", "task_name", "task_type")}
                                 | {"instruction": r["instruction"][:200]}
                                 for r in read_jsonl(run_dir / "instructions" / "instructions.jsonl")],
-               "models": {"base_student": summary(read_json(ev / "base_student.json")),
+               "models": {"base_student": summary(base),
                           "difficulty_50": {"method": cfg.sampling.method, "group": cfg.sampling.group,
                                             "rate": cfg.sampling.rate, "seed": 0, "kept": len(sampled),
-                                            **train_card(run_dir / "training" / "model"),
-                                            **summary(read_json(ev / "student.json"))}}}
+                                            **train_card(run_dir / "training" / "model"), **summary(student)}}}
     names = [n for n in a.only.split(",") if n] or list(VARIANTS)
     out = Path(a.results)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     for name in names:
-        results["models"][name] = run_variant(cfg, a.config, run_dir, name, *VARIANTS[name])
-        pred_dirs[name] = run_dir / "variants" / name / "eval" / "predictions" / name
+        results["models"][name], pred_dirs[name] = run_variant(cfg, default_limit, a.config, run_dir, name,
+                                                               *VARIANTS[name])
         print(f"{name}: mean {results['models'][name]['mean']:.2f}", flush=True)
         save()
     for k, v in results["bootstrap"]["differences"].items():
