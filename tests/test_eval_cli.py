@@ -169,15 +169,15 @@ def test_a_larger_limit_runs_only_the_new_examples(sentibench_root, tmp_path, ca
     grown, fresh = tmp_path / "grown", tmp_path / "fresh"
     pred = lambda out, d: [json.loads(l) for l in
                            (out / "predictions" / "smollm2-135m-instruct" / f"{d}.seed42.jsonl").read_text().splitlines()]
-    assert _eval(grown, datasets, 3) == 0
+    assert _eval(grown, datasets, 2) == 0
     before = {d: pred(grown, d) for d in ("sc_sst2", "absa_atsa_rest16")}
     capsys.readouterr()
-    assert _eval(grown, datasets, 5) == 0
-    assert capsys.readouterr().out.count("(5 examples, 3 reused,") == 2
-    assert _eval(fresh, datasets, 5) == 0
+    assert _eval(grown, datasets, 4) == 0
+    assert capsys.readouterr().out.count("(4 examples, 2 reused,") == 2
+    assert _eval(fresh, datasets, 4) == 0
     res = json.loads((grown / "smollm2-135m-instruct.json").read_text())
-    assert res["protocol"]["limit"] == 5 and all(e["seeds"]["42"]["reused"] == 3 for e in res["datasets"].values())
+    assert res["protocol"]["limit"] == 4 and all(e["seeds"]["42"]["reused"] == 2 for e in res["datasets"].values())
     for d, rows in before.items():
         now, new = pred(grown, d), pred(fresh, d)
-        assert now[:3] == rows and [r["key"] for r in now] == [r["key"] for r in new]
+        assert now[:2] == rows and [r["key"] for r in now] == [r["key"] for r in new]
     assert [r["prediction"] for r in pred(grown, "sc_sst2")] == [r["prediction"] for r in pred(fresh, "sc_sst2")]
