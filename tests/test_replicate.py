@@ -99,3 +99,15 @@ def test_an_interrupted_evaluation_is_not_finished(tmp_path):
     write_json(path, res)
     assert replicate.finished(cfg, path)
     assert not replicate.finished(load_config(ROOT / "configs" / "replication.yaml", over | {"evaluation.limit": 100}), path)
+
+
+def test_a_larger_limit_reuses_the_largest_earlier_evaluation(tmp_path):
+    cfg200 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 200})
+    default = tmp_path / "eval"
+    for folder in ("eval", "eval_limit100", "eval_limit400", "eval_limitx"):
+        (tmp_path / folder / "predictions" / "m").mkdir(parents=True)
+    (tmp_path / "eval_limit150").mkdir()  # no predictions of m in it
+    assert replicate.earlier_dir(cfg200, 50, default, "m") == tmp_path / "eval_limit100"
+    assert replicate.earlier_dir(cfg200, 50, default, "other") == default  # nothing to reuse: the default folder
+    cfg100 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 100})
+    assert replicate.earlier_dir(cfg100, 50, default, "m") == default

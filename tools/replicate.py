@@ -8,7 +8,8 @@ settings, evaluates it with the run's SentiBench protocol, and collects every re
     python tools/replicate.py --config configs/replication.yaml --results results/replication.json
 
 `--limit N` evaluates the students again with the first N test examples of each dataset (in `<eval>_limit<N>`
-folders, reusing the predictions of the examples they share with the config's limit); `--only` picks variants.
+folders, reusing the predictions of the examples they share with the largest smaller limit already evaluated);
+`--only` picks variants.
 
 Each variant is resumable: a trained variant is not trained again, a finished evaluation not run again. Model weights stay in
 `<run.out>/variants/` (not in the repository).
@@ -79,6 +80,16 @@ def eval_dir(cfg, default_limit, default: Path) -> Path:
     return default if n == default_limit else default.with_name(f"{default.name}_limit{n}")
 
 
+def earlier_dir(cfg, default_limit, default: Path, name: str) -> Path:
+    """The evaluation folder of model `name` with the most test examples below `cfg`'s limit (`default` itself, or a
+    `<default>_limit<N>` one): its predictions are the ones a larger limit reuses."""
+    limits = {default_limit: default} | {int(p.name.rsplit("_limit", 1)[1]): p
+                                         for p in default.parent.glob(f"{default.name}_limit*")
+                                         if p.name.rsplit("_limit", 1)[1].isdigit()}
+    below = [n for n, p in limits.items() if n < cfg.evaluation.limit and (p / "predictions" / name).is_dir()]
+    return limits[max(below)] if below else default
+
+
 def finished(cfg, result: Path) -> bool:
     "Whether a results JSON holds every dataset and seed of `cfg`'s protocol (an interrupted evaluation does not)."
     if not result.exists():
@@ -116,7 +127,7 @@ def run_variant(cfg, default_limit, config_path: str, run_dir: Path, name: str, 
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"), *steps)
         (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
     out = eval_dir(cfg, default_limit, vdir / "eval")
-    res = evaluate(cfg, str(vdir / "model"), name, out, vdir / "eval")
+    res = evaluate(cfg, str(vdir / "model"), name, out, earlier_dir(cfg, default_limit, vdir / "eval", name))
     return ({"method": method, "group": group, "rate": rate, "seed": seed, "kept": len(read_jsonl(vdir / "kept.jsonl")),
              **train_card(vdir / "model"), "train_seconds": float((vdir / "train_seconds.txt").read_text()),
              **summary(res)}, out / "predictions" / name)
@@ -215,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (ev0 / "student.json").exists():
         sys.exit(f"{ev0}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
     ev = eval_dir(cfg, default_limit, ev0)
-    base = evaluate(cfg, cfg.student.model, "base_student", ev, ev0)
-    student = evaluate(cfg, str(run_dir / "training" / "model"), "student", ev, ev0)
+    base = evaluate(cfg, cfg.student.model, "base_student", ev, earlier_dir(cfg, default_limit, ev0, "base_student"))
+    student = evaluate(cfg, str(run_dir / "training" / "model"), "student", ev,
+                       earlier_dir(cfg, default_limit, ev0, "student"))
     sampled = read_jsonl(run_dir / "sampling" / "kept.jsonl")
     results = {"config": a.config, "protocol": student["protocol"],
                "corpus": len(read_jsonl(run_dir / "difficulty" / "scored.jsonl")),
