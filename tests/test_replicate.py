@@ -111,3 +111,26 @@ def test_a_larger_limit_reuses_the_largest_earlier_evaluation(tmp_path):
     assert replicate.earlier_dir(cfg200, 50, default, "other") == default  # nothing to reuse: the default folder
     cfg100 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 100})
     assert replicate.earlier_dir(cfg100, 50, default, "m") == default
+
+
+def test_evaluate_copies_the_largest_earlier_predictions_then_runs_the_cli(tmp_path, monkeypatch):
+    from compeffdist.core import write_json
+    over = {"evaluation.datasets": ["sc/sst2"], "evaluation.seeds": [42], "evaluation.limit": 200}
+    cfg = load_config(ROOT / "configs" / "replication.yaml", over)
+    for folder, rows in (("eval", 50), ("eval_limit100", 100)):
+        write_jsonl(tmp_path / folder / "predictions" / "m" / "sc_sst2.seed42.jsonl", [{"key": i} for i in range(rows)])
+    calls = []
+
+    def fake_cli(*args):  # the evaluation itself: what it was given, then a finished results file
+        out = tmp_path / "eval_limit200"
+        calls.append((args, len((out / "predictions" / "m" / "sc_sst2.seed42.jsonl").read_text().splitlines())))
+        write_json(out / "m.json", {"protocol": {"limit": 200}, "datasets": {"sc/sst2": {"seeds": {"42": {}}}}})
+
+    monkeypatch.setattr(replicate, "cli", fake_cli)
+    res = replicate.evaluate(cfg, 50, "model-path", "m", tmp_path / "eval")
+    assert res["protocol"]["limit"] == 200 and len(calls) == 1
+    args, rows_copied = calls[0]
+    assert rows_copied == 100  # the limit-100 predictions, not the limit-50 ones
+    assert args[args.index("--out") + 1] == str(tmp_path / "eval_limit200") and "200" in args
+    replicate.evaluate(cfg, 50, "model-path", "m", tmp_path / "eval")
+    assert len(calls) == 1  # finished: not evaluated again

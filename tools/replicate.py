@@ -99,13 +99,14 @@ def finished(cfg, result: Path) -> bool:
         str(s) in res["datasets"].get(d, {}).get("seeds", {}) for d in resolve_datasets(e.datasets) for s in e.seeds)
 
 
-def evaluate(cfg, model: str, name: str, out: Path, earlier: Path) -> dict:
-    """The results of `model` under `cfg`'s protocol (`<out>/<name>.json`), evaluated now if missing. The predictions
-    of an earlier evaluation of the same model (`earlier`, e.g. with fewer test examples) are copied in first, so
-    the prompts they share are not run again."""
+def evaluate(cfg, default_limit, model: str, name: str, default: Path) -> dict:
+    """The results of `model` under `cfg`'s protocol (`<eval_dir>/<name>.json`), evaluated now if missing. The
+    predictions of its largest earlier evaluation (`earlier_dir`, fewer test examples) are copied in first, so the
+    prompts they share are not run again."""
+    out = eval_dir(cfg, default_limit, default)
     result = out / f"{name}.json"
     if not finished(cfg, result):
-        src, dst = earlier / "predictions" / name, out / "predictions" / name
+        src, dst = earlier_dir(cfg, default_limit, default, name) / "predictions" / name, out / "predictions" / name
         if src.is_dir() and not dst.exists():
             shutil.copytree(src, dst)
         cli(*eval_args(cfg, model, name, out))
@@ -126,8 +127,8 @@ def run_variant(cfg, default_limit, config_path: str, run_dir: Path, name: str, 
         steps += ["--seed", str(cfg.training.seed + seed)] if seed else []
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"), *steps)
         (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    res = evaluate(cfg, default_limit, str(vdir / "model"), name, vdir / "eval")
     out = eval_dir(cfg, default_limit, vdir / "eval")
-    res = evaluate(cfg, str(vdir / "model"), name, out, earlier_dir(cfg, default_limit, vdir / "eval", name))
     return ({"method": method, "group": group, "rate": rate, "seed": seed, "kept": len(read_jsonl(vdir / "kept.jsonl")),
              **train_card(vdir / "model"), "train_seconds": float((vdir / "train_seconds.txt").read_text()),
              **summary(res)}, out / "predictions" / name)
@@ -226,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (ev0 / "student.json").exists():
         sys.exit(f"{ev0}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
     ev = eval_dir(cfg, default_limit, ev0)
-    base = evaluate(cfg, cfg.student.model, "base_student", ev, earlier_dir(cfg, default_limit, ev0, "base_student"))
-    student = evaluate(cfg, str(run_dir / "training" / "model"), "student", ev,
-                       earlier_dir(cfg, default_limit, ev0, "student"))
+    base = evaluate(cfg, default_limit, cfg.student.model, "base_student", ev0)
+    student = evaluate(cfg, default_limit, str(run_dir / "training" / "model"), "student", ev0)
     sampled = read_jsonl(run_dir / "sampling" / "kept.jsonl")
     results = {"config": a.config, "protocol": student["protocol"],
                "corpus": len(read_jsonl(run_dir / "difficulty" / "scored.jsonl")),
