@@ -153,7 +153,9 @@ PAIRS = [("full", "base_student"), ("difficulty_50", "base_student"), ("difficul
          ("difficulty_25_20steps", "full"), ("difficulty_10_20steps_seed1", "random_10_20steps_seed1"),
          ("difficulty_10_20steps_seed2", "random_10_20steps_seed2"),
          ("difficulty_10_20steps_x3", "random_10_20steps_x3"), ("difficulty_10_20steps_x3", "full"),
-         ("full_seed1", "full"), ("full_seed1", "base_student")]
+         ("full_seed1", "full"), ("full_seed1", "base_student"),
+         # the random subsets against the full corpus too: is a subset's gap to it the sampler's, or the subset's?
+         ("random_50", "full"), ("random_25_20steps", "full"), ("random_10_20steps_x3", "full")]
 
 
 def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
