@@ -134,3 +134,34 @@ def test_evaluate_copies_the_largest_earlier_predictions_then_runs_the_cli(tmp_p
     assert args[args.index("--out") + 1] == str(tmp_path / "eval_limit200") and "200" in args
     replicate.evaluate(cfg, 50, "model-path", "m", tmp_path / "eval")
     assert len(calls) == 1  # finished: not evaluated again
+
+
+def _config_in(tmp_path):
+    "configs/replication.yaml with its run folder under tmp_path."
+    import yaml
+    data = yaml.safe_load((ROOT / "configs" / "replication.yaml").read_text())
+    data["run"]["out"] = str(tmp_path / "run")
+    path = tmp_path / "replication.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_variants_need_the_run_up_to_its_difficulty_stage(tmp_path):
+    config = str(_config_in(tmp_path))
+    with pytest.raises(SystemExit, match="scored.jsonl missing.*--until difficulty"):
+        replicate.main(["--config", config, "--only", "full"])
+    write_jsonl(tmp_path / "run" / "difficulty" / "scored.jsonl", [{"id": "s0"}])
+    with pytest.raises(SystemExit, match="unknown variant.*fulll"):  # a typo stops before any model is run
+        replicate.main(["--config", config, "--only", "full,fulll", "--seeds", "43"])
+
+
+def test_a_pass_overrides_the_limit_and_the_seeds():
+    config = ROOT / "configs" / "replication.yaml"
+    cfg = replicate.pass_config(config)
+    assert (cfg.evaluation.limit, cfg.evaluation.seeds) == (50, [42])
+    cfg = replicate.pass_config(config, limit=200, seeds="43,44")
+    assert (cfg.evaluation.limit, cfg.evaluation.seeds) == (200, [43, 44])
+    args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
+    assert args[args.index("--seeds") + 1] == "43,44" and args[args.index("--limit") + 1] == "200"
+    with pytest.raises(SystemExit, match="--seeds.*integers"):
+        replicate.pass_config(config, seeds="43,x")

@@ -9,7 +9,10 @@ settings, evaluates it with the run's SentiBench protocol, and collects every re
 
 `--limit N` evaluates the students again with the first N test examples of each dataset (in `<eval>_limit<N>`
 folders, reusing the predictions of the examples they share with the largest smaller limit already evaluated);
-`--only` picks variants.
+`--seeds` evaluates them with other evaluation seeds (other demonstrations drawn; the predictions of each seed are
+kept beside the others'); `--only` picks variants. The variants need the run only up to its difficulty stage
+(`compeffdist run --config ... --until difficulty`); the pipeline's own student (`difficulty_50`) is evaluated
+when the run has trained it.
 
 Each variant is resumable: a trained variant is not trained again, a finished evaluation not run again. Model weights stay in
 `<run.out>/variants/` (not in the repository).
@@ -213,6 +216,17 @@ def pipeline_summary(run_dir: Path) -> dict:
     return out
 
 
+def pass_config(config: str, limit: int | None = None, seeds: str | None = None):
+    "The config of one evaluation pass: the config's protocol, with another test limit or other seeds if given."
+    override = {"evaluation.limit": limit} if limit else {}
+    if seeds:
+        try:
+            override["evaluation.seeds"] = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            sys.exit(f"error: --seeds {seeds!r}: give comma-separated integers, e.g. 43,44")
+    return load_config(config, override)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/replication.yaml")
@@ -220,32 +234,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--limit", type=int, help="evaluate with the first N test examples of each dataset instead of the "
                     "config's limit (in separate folders; the predictions already made are reused)")
+    ap.add_argument("--seeds", help="comma-separated evaluation seeds instead of the config's")
     a = ap.parse_args(argv)
-    cfg0 = load_config(a.config)
-    cfg = load_config(a.config, {"evaluation.limit": a.limit}) if a.limit else cfg0
-    default_limit = cfg0.evaluation.limit
+    cfg = pass_config(a.config, a.limit, a.seeds)
+    default_limit = load_config(a.config).evaluation.limit
     run_dir = Path(cfg.run.out)
     ev0 = run_dir / "evaluation"
-    if not (ev0 / "student.json").exists():
-        sys.exit(f"{ev0}/student.json missing: run `compeffdist run --config {a.config}` to the end first")
+    if not (run_dir / "difficulty" / "scored.jsonl").exists():
+        sys.exit(f"{run_dir}/difficulty/scored.jsonl missing: run `compeffdist run --config {a.config} "
+                 "--until difficulty` first")
+    names = [n for n in a.only.split(",") if n] or list(VARIANTS)
+    if unknown := [n for n in names if n not in VARIANTS]:
+        sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     ev = eval_dir(cfg, default_limit, ev0)
     base = evaluate(cfg, default_limit, cfg.student.model, "base_student", ev0)
-    student = evaluate(cfg, default_limit, str(run_dir / "training" / "model"), "student", ev0)
-    sampled = read_jsonl(run_dir / "sampling" / "kept.jsonl")
-    results = {"config": a.config, "protocol": student["protocol"],
+    results = {"config": a.config, "protocol": base["protocol"],
                "corpus": len(read_jsonl(run_dir / "difficulty" / "scored.jsonl")),
                "pipeline": pipeline_summary(run_dir),
                "instructions": [{k: r.get(k) for k in ("id", "attribute", "task_name", "task_type")}
                                 | {"instruction": r["instruction"][:200]}
                                 for r in read_jsonl(run_dir / "instructions" / "instructions.jsonl")],
-               "models": {"base_student": summary(base),
-                          "difficulty_50": {"method": cfg.sampling.method, "group": cfg.sampling.group,
-                                            "rate": cfg.sampling.rate, "seed": 0, "kept": len(sampled),
-                                            **train_card(run_dir / "training" / "model"), **summary(student)}}}
-    names = [n for n in a.only.split(",") if n] or list(VARIANTS)
+               "models": {"base_student": summary(base)}}
+    pred_dirs = {"base_student": ev / "predictions" / "base_student"}
+    if (run_dir / "training" / "model" / "card.json").exists():  # the pipeline's own student, when it was trained
+        student = evaluate(cfg, default_limit, str(run_dir / "training" / "model"), "student", ev0)
+        results["models"]["difficulty_50"] = {"method": cfg.sampling.method, "group": cfg.sampling.group,
+                                              "rate": cfg.sampling.rate, "seed": 0,
+                                              "kept": len(read_jsonl(run_dir / "sampling" / "kept.jsonl")),
+                                              **train_card(run_dir / "training" / "model"), **summary(student)}
+        pred_dirs["difficulty_50"] = ev / "predictions" / "student"
     out = Path(a.results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pred_dirs = {"base_student": ev / "predictions" / "base_student", "difficulty_50": ev / "predictions" / "student"}
 
     def save():  # called after every variant, so the results file is whole: nothing finished is lost
         results["bootstrap"] = bootstrap(cfg, pred_dirs)
