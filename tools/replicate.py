@@ -1,8 +1,8 @@
 """The data-efficiency variants of the offline replication (issue 7, `nbs/20_replication.ipynb`).
 
-After `compeffdist run --config configs/replication.yaml` has finished (its difficulty stage has scored the corpus
-and its evaluation has scored the base student and the difficulty-prioritised 50% student), this script samples
-the scored corpus again for every other variant, fine-tunes a student on each subset with the run's training
+Once `compeffdist run --config configs/replication.yaml` has scored the corpus (its difficulty stage), this script
+evaluates the base student (and the pipeline's own difficulty-prioritised 50% student, if the run trained it),
+samples the scored corpus again for every other variant, fine-tunes a student on each subset with the run's training
 settings, evaluates it with the run's SentiBench protocol, and collects every result in one JSON file.
 
     python tools/replicate.py --config configs/replication.yaml --results results/replication.json
@@ -11,8 +11,7 @@ settings, evaluates it with the run's SentiBench protocol, and collects every re
 folders, reusing the predictions of the examples they share with the largest smaller limit already evaluated);
 `--seeds` evaluates them with other evaluation seeds (other demonstrations drawn; the predictions of each seed are
 kept beside the others'); `--only` picks variants. The variants need the run only up to its difficulty stage
-(`compeffdist run --config ... --until difficulty`); the pipeline's own student (`difficulty_50`) is evaluated
-when the run has trained it.
+(`compeffdist run --config ... --until difficulty`).
 
 Each variant is resumable: a trained variant is not trained again, a finished evaluation not run again. Model weights stay in
 `<run.out>/variants/` (not in the repository).
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run.out)
     ev0 = run_dir / "evaluation"
     if not (run_dir / "difficulty" / "scored.jsonl").exists():
-        sys.exit(f"{run_dir}/difficulty/scored.jsonl missing: run `compeffdist run --config {a.config} "
+        sys.exit(f"error: {run_dir}/difficulty/scored.jsonl missing: run `compeffdist run --config {a.config} "
                  "--until difficulty` first")
     names = [n for n in a.only.split(",") if n] or list(VARIANTS)
     if unknown := [n for n in names if n not in VARIANTS]:
