@@ -1,29 +1,75 @@
 """Run one notebook top to bottom the way the tests do, optionally forcing flagged cells and saving outputs.
 
     python tools/run_nb.py nbs/10_attributes.ipynb                 # as the test suite runs it
-    python tools/run_nb.py nbs/10_attributes.ipynb --save          # and write the outputs (plots, tables) back
+    python tools/run_nb.py nbs/10_attributes.ipynb --save          # and write the outputs (printed text, tables,
+                                                                   # plots) back into the notebook
     python tools/run_nb.py nbs/10_attributes.ipynb --flags slow --save
+
+Cell output is streamed to the console while it runs *and* kept for the saved notebook. nbdev's runner cannot do
+both: `test_nb(verbose=True)` makes execnb's `CaptureShell._captured` call IPython's `capture_output` with
+`stdout=stdout and not verbose`, so a streamed cell's printed text reaches the console and never the cell (its
+plots, which go through the display publisher, are kept either way). Here execnb always captures, and the
+captured streams are teed to the console.
 """
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbdev.test as nbtest
+from execnb.shell import CaptureShell
 from nbdev.config import get_config
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("notebooks", nargs="+", type=Path)
-ap.add_argument("--flags", default="", help="flags to force, e.g. 'slow' or 'slow gpu'")
-ap.add_argument("--save", action="store_true", help="write outputs back into the notebook on success")
-ap.add_argument("--quiet", action="store_true", help="do not stream cell output (implied by --save: execnb keeps "
-                "no printed output of a cell it streams)")
-a = ap.parse_args()
-cfg = get_config()
-forced = a.flags.split()
-failed = 0
-for nb in a.notebooks:
-    ok, secs = nbtest.test_nb(nb.resolve(), skip_flags=[f for f in cfg.tst_flags.split() if f not in forced],
-                              force_flags=forced, basepath=cfg.config_path, verbose=not (a.quiet or a.save), save=a.save)
-    print(f"{nb}: {'ok' if ok else 'FAILED'} in {secs:.0f}s", file=sys.stderr)
-    failed += not ok
-sys.exit(1 if failed else 0)
+
+class Tee:
+    "A text stream that writes to a capture buffer and echoes to the console."
+
+    def __init__(self, capture, console):
+        self.capture, self.console = capture, console
+
+    def write(self, s):
+        self.console.write(s); self.console.flush()
+        return self.capture.write(s)
+
+    def flush(self):
+        self.console.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, ... as the capture buffer answers them
+        return getattr(self.capture, name)
+
+
+def tee_cell_output(echo: bool = True):
+    "Make execnb capture every cell's stdout/stderr (so it is saved), echoing it to the console when `echo`."
+    original = CaptureShell._captured
+
+    @contextmanager
+    def _captured(self, stdout=True, stderr=True, display=True, verbose=False):
+        with original(self, stdout, stderr, display, verbose=False) as c:  # capture, whatever `verbose` says
+            if echo:
+                if stdout: sys.stdout = Tee(sys.stdout, sys.__stdout__)
+                if stderr: sys.stderr = Tee(sys.stderr, sys.__stderr__)
+            yield c  # capture_output restores sys.stdout/sys.stderr on exit
+    CaptureShell._captured = _captured
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("notebooks", nargs="+", type=Path)
+    ap.add_argument("--flags", default="", help="flags to force, e.g. 'slow' or 'slow gpu'")
+    ap.add_argument("--save", action="store_true", help="write outputs back into the notebook on success")
+    ap.add_argument("--quiet", action="store_true", help="do not echo cell output to the console")
+    a = ap.parse_args(argv)
+    tee_cell_output(echo=not a.quiet)
+    cfg = get_config()
+    forced = a.flags.split()
+    failed = 0
+    for nb in a.notebooks:
+        ok, secs = nbtest.test_nb(nb.resolve(), skip_flags=[f for f in cfg.tst_flags.split() if f not in forced],
+                                  force_flags=forced, basepath=cfg.config_path, verbose=False, save=a.save)
+        print(f"{nb}: {'ok' if ok else 'FAILED'} in {secs:.0f}s", file=sys.stderr)
+        failed += not ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
