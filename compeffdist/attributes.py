@@ -6,104 +6,22 @@ normalised, counted, and the frequent ones kept."""
 # %% ../nbs/10_attributes.ipynb #e5be65e0
 from __future__ import annotations
 
-import ast
 import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from typing import Any, Callable
+from typing import Any
 
 from .core import AttributesConfig, StageStats, read_jsonl, write_jsonl
 from .engines import Constraint, SamplingParams
+from .teacher import as_text, fill, generate_texts, parse_json_lenient, teacher_delta, teacher_snapshot
 
 # %% auto #0
-__all__ = ['MAX_STARTS', 'ATTRIBUTES_PROMPT', 'ATTRIBUTES_PROMPT_TEXT', 'MAX_NAME_WORDS', 'parse_json_lenient', 'fill',
-           'attributes_schema', 'attributes_request', 'as_text', 'parse_attributes', 'normalise_name',
-           'text_attributes', 'aggregate_attributes', 'min_count_threshold', 'teacher_snapshot', 'teacher_delta',
-           'generate_texts', 'run_attributes', 'plot_attributes', 'example_config']
+__all__ = ['ATTRIBUTES_PROMPT', 'ATTRIBUTES_PROMPT_TEXT', 'MAX_NAME_WORDS', 'attributes_schema', 'attributes_request',
+           'parse_attributes', 'normalise_name', 'text_attributes', 'aggregate_attributes', 'min_count_threshold',
+           'run_attributes', 'plot_attributes', 'example_config']
 
 # %% ../nbs/10_attributes.ipynb #391ba326
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON|python|js|javascript)?[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
-_DECODER = json.JSONDecoder(strict=False)  # strict=False: raw newlines inside strings are accepted
-_CLOSE = {"{": "}", "[": "]"}
-MAX_STARTS = 40  # opening brackets tried per answer (bounds the work on very long answers)
-
-
-def _repair_candidates(text: str, start: int):
-    "Prefixes of `text[start:]` cut after a complete member, with the open brackets closed (latest cut first)."
-    stack, in_str, esc, cuts = [], False, False, []
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_str:
-            if esc: esc = False
-            elif c == "\\": esc = True
-            elif c == '"': in_str = False
-            continue
-        if c == '"': in_str = True
-        elif c in "{[": stack.append(c)
-        elif c in "}]":
-            if not stack or _CLOSE[stack[-1]] != c: break
-            stack.pop()
-            if not stack: return  # a complete value: raw_decode has already seen it
-            cuts.append((i + 1, "".join(stack)))
-        elif c == "," and stack:
-            cuts.append((i, "".join(stack)))
-    for cut, open_ in reversed(cuts[-60:]):
-        yield text[start:cut] + "".join(_CLOSE[o] for o in reversed(open_))
-
-
-def _literal(s: str):
-    "A Python literal (single-quoted lists and dicts), or None."
-    if len(s) > 50_000: return None
-    try:
-        v = ast.literal_eval(s)
-    except Exception:  # SyntaxError, ValueError, RecursionError, MemoryError…
-        return None
-    return v if isinstance(v, (list, dict)) else None
-
-
-def parse_json_lenient(text: Any, accept: Callable[[Any], bool] | None = None) -> tuple[Any, str]:
-    "The first JSON value in a teacher answer that `accept` likes: `(value, how)`, or `(None, 'empty' | 'no_json')`."
-    ok = accept or (lambda v: isinstance(v, (dict, list)))
-    if not isinstance(text, str) or not text.strip():
-        return None, "empty"
-    s = text.strip()
-    try:
-        v = _DECODER.decode(s)
-        if ok(v): return v, "json"
-    except (ValueError, RecursionError):
-        pass
-    for m in _FENCE.finditer(s):
-        block = m.group(1).strip()
-        try:
-            v = _DECODER.decode(block)
-            if ok(v): return v, "fenced"
-        except (ValueError, RecursionError):
-            pass
-    starts = [m.start() for m in re.finditer(r"[\[{]", s)][:MAX_STARTS]
-    repairs = 3  # truncation repairs tried (each scans the rest of the answer)
-    for i in starts:
-        try:
-            v, _ = _DECODER.raw_decode(s, i)
-            if ok(v): return v, "embedded"
-            continue
-        except (ValueError, RecursionError):
-            pass
-        if repairs:  # never completed: cut at the token limit? keep the complete members
-            repairs -= 1
-            for cand in _repair_candidates(s, i):
-                try:
-                    v = _DECODER.decode(cand)
-                except (ValueError, RecursionError):
-                    continue
-                if ok(v): return v, "repaired"
-    for i in starts:
-        end = s.rfind("]" if s[i] == "[" else "}")
-        v = _literal(s[i:end + 1]) if end > i else None
-        if v is not None and ok(v): return v, "literal"
-    return None, "no_json"
-
-# %% ../nbs/10_attributes.ipynb #1fa07a65
 ATTRIBUTES_PROMPT = """Brainstorm, creatively, as many sentiment-related attributes of the input text as you can. \
 An attribute is a general characteristic of a text that matters for analysing its sentiment, opinions or emotions. \
 For each attribute give:
@@ -132,13 +50,6 @@ Input: {text}
 Attribute: """
 
 
-def fill(template: str, **fields) -> str:
-    "Replace each `{name}` of `fields` in `template` (other braces are left alone)."
-    for k, v in fields.items():
-        template = template.replace("{" + k + "}", str(v))
-    return template
-
-
 def attributes_schema(max_items: int = 20, min_items: int = 3) -> dict:
     "JSON schema of an enumeration answer (bounded lengths keep a constrained teacher from running on)."
     item = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 48},
@@ -164,16 +75,6 @@ def _key(k: Any) -> str:
 _NAME_KEYS = ("name", "attribute", "attributename", "attr", "title")
 _DESC_KEYS = ("description", "attributedescription", "desc", "definition", "explanation")
 _VALUE_KEYS = ("value", "attributevalue", "val", "valueforthistext")
-
-
-def as_text(v: Any) -> str | None:
-    "A field as text: strings as they are, scalars and lists of scalars joined; None for anything else."
-    if isinstance(v, str): return v
-    if isinstance(v, bool): return str(v).lower()
-    if isinstance(v, (int, float)): return str(v)
-    if isinstance(v, list) and all(isinstance(x, (str, int, float, bool)) for x in v):
-        return ", ".join(as_text(x) for x in v)
-    return None
 
 
 def _lstrip_punct(s: str) -> str:
@@ -206,7 +107,7 @@ def _items_from_json(obj: Any) -> list | None:
         elif as_text(v) is not None: out.append({"name": k, "description": as_text(v)})
     return out or None
 
-
+# %% ../nbs/10_attributes.ipynb #246163c1
 _NUMBERED = re.compile(r"(?m)^[ \t]*(?:[-*][ \t]*)?(\d{1,3})[.)][ \t]+")
 _DESC_MARK = re.compile(r"attribute[ \t]*description", re.IGNORECASE)
 _VALUE_MARK = re.compile(r"attribute[ \t]*value", re.IGNORECASE)
@@ -242,7 +143,7 @@ def _items_from_text(text: str) -> tuple[list[dict], Counter]:
                     "value": _lstrip_punct(" ".join(value.split()))})
     return out, drops
 
-
+# %% ../nbs/10_attributes.ipynb #bac667d4
 def parse_attributes(text: Any) -> tuple[list[dict], Counter, str]:
     "Items `{raw_name, description, value}` of one answer, drops by reason, and how it parsed."
     drops = Counter()
@@ -326,28 +227,6 @@ def min_count_threshold(cfg: AttributesConfig, n_texts: int) -> float:
     return float(cfg.min_count) if cfg.min_count is not None else cfg.min_count_per_20k * n_texts / 20000
 
 # %% ../nbs/10_attributes.ipynb #4150d6be
-def teacher_snapshot(engine) -> dict:
-    "Call counters of a cached engine (empty for an engine without them)."
-    s = getattr(engine, "stats", None)
-    return s.to_dict() if hasattr(s, "to_dict") else {}
-
-
-def teacher_delta(before: dict, engine) -> dict:
-    "What the teacher did since `before`: calls generated and served from the cache, tokens, seconds."
-    after = teacher_snapshot(engine)
-    d = {k: round(after.get(k, 0) - before.get(k, 0), 2)
-         for k in ("misses", "hits", "errors", "completion_tokens", "seconds")}
-    return {"generated": d["misses"], "cached": d["hits"], "errors": d["errors"],
-            "completion_tokens": d["completion_tokens"], "seconds": d["seconds"]}
-
-
-def generate_texts(ctx, requests: list, params: SamplingParams, constraint: Constraint | None, desc: str):
-    "One batched teacher call; returns `(text, finish_reason)` per request (missing or failed calls give '')."
-    if not requests: return []
-    gens = ctx.teacher.generate(requests, params, constraint, desc=desc)
-    return [(g[0].text, g[0].finish_reason) if g else ("", "error") for g in gens]
-
-
 def run_attributes(ctx) -> StageStats:
     "Stage `attributes`: enumerate, parse, normalise, count and filter the attributes of the user texts."
     cfg, stats = ctx.cfg.attributes, StageStats()
@@ -406,7 +285,7 @@ def example_config(root=None, n_texts: int = 24):
     root = Path(root) if root is not None else Path.cwd()
     return parse_config({
         "run": {"name": "nb-instructions", "out": str(root / "runs" / "nb-instructions")},
-        # one thread: on a small CPU shared with other jobs, llama.cpp's spinning threads made 2 threads ~8x slower
+        # one thread: llama.cpp's threads spin while they wait, which costs much when other jobs share the cores
         "teacher": {"model": "qwen2.5-coder-1.5b-instruct", "engine": "llamacpp", "context_length": 4096,
                     "n_threads": 1},
         "student": {"model": "smollm2-135m-instruct", "engine": "hf"},

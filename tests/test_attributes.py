@@ -4,8 +4,8 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from compeffdist.attributes import (aggregate_attributes, normalise_name, parse_attributes, parse_json_lenient,
-                                    run_attributes, text_attributes)
+from compeffdist.attributes import aggregate_attributes, normalise_name, parse_attributes, run_attributes, text_attributes
+from compeffdist.teacher import parse_json_lenient
 from compeffdist.core import Config, ModelConfig, RunStore, read_jsonl, write_jsonl
 from compeffdist.engines import FakeEngine, RunContext
 
