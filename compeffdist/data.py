@@ -59,7 +59,7 @@ SENTIBENCH = {d.name: d for d in [
     SentiBenchDataset("absa/opener", "FSA", "structured sentiment (OpeNER-en)"),
 ]}
 
-
+# %% ../nbs/03_data.ipynb #ea7fefed
 def sentibench_dataset(name: str) -> SentiBenchDataset:
     "Look a dataset up by folder path (`sc/sst2`) or short name (`sst2`)."
     if name in SENTIBENCH:
@@ -81,7 +81,7 @@ def sentibench_root(path: str | os.PathLike | None = None) -> Path:
         raise CompeffdistError(f"SentiBench folder not found or incomplete: {root} (expected sc/, multifaced/, absa/)")
     return root
 
-
+# %% ../nbs/03_data.ipynb #c21649a3
 def load_sentibench(name: str, split: str = "test", root: str | os.PathLike | None = None) -> list[dict]:
     "Records of one split (`train`, `val` or `test`) of a SentiBench dataset, as the reference reads them."
     d = sentibench_dataset(name)
@@ -164,20 +164,8 @@ def sentibench_test_index(root: str | os.PathLike | None = None) -> dict[str, st
     return index
 
 # %% ../nbs/03_data.ipynb #96b3c82e
-def _read_source(src: SourceConfig, root) -> list[tuple[str, str]]:
-    "(text, source label) pairs of one source."
-    if src.type == "sentibench":
-        out = []
-        for name in src.datasets:
-            recs = load_sentibench(name, src.split, root)
-            out += [(r["sentence"], f"sentibench:{sentibench_dataset(name).short}") for r in recs[:src.limit]]
-        return out
-    if src.type == "hf":
-        import datasets
-        ds = datasets.load_dataset(src.path, split=src.split)
-        if src.text_field not in ds.column_names:
-            raise CompeffdistError(f"{src.path}: no column '{src.text_field}' (columns: {', '.join(ds.column_names)})")
-        return [(t, f"hf:{src.path}") for t in ds[src.text_field][:src.limit]]
+def _read_file(src: SourceConfig) -> list[tuple[str, str]]:
+    "(text, source label) pairs of a `txt`, `csv` or `jsonl` file source."
     p = Path(src.path or "")
     if not src.path or not p.is_file():
         raise CompeffdistError(f"user-text file not found: {src.path}")
@@ -209,6 +197,23 @@ def _read_source(src: SourceConfig, root) -> list[tuple[str, str]]:
     return [(t, f"{src.type}:{p.name}") for t in texts]
 
 
+def _read_source(src: SourceConfig, root) -> list[tuple[str, str]]:
+    "(text, source label) pairs of one source."
+    if src.type == "sentibench":
+        out = []
+        for name in src.datasets:
+            recs = load_sentibench(name, src.split, root)
+            out += [(r["sentence"], f"sentibench:{sentibench_dataset(name).short}") for r in recs[:src.limit]]
+        return out
+    if src.type == "hf":
+        import datasets
+        ds = datasets.load_dataset(src.path, split=src.split)
+        if src.text_field not in ds.column_names:
+            raise CompeffdistError(f"{src.path}: no column '{src.text_field}' (columns: {', '.join(ds.column_names)})")
+        return [(t, f"hf:{src.path}") for t in ds[src.text_field][:src.limit]]
+    return _read_file(src)
+
+# %% ../nbs/03_data.ipynb #c734a783
 def load_user_texts(cfg: DataConfig, root: str | os.PathLike | None = None,
                     stats: StageStats | None = None) -> list[dict]:
     "Cleaned, deduplicated, decontaminated, seeded sample of `cfg.n_texts` user texts: `{id, text, source}`."

