@@ -9,7 +9,7 @@ export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export
+.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export system-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,13 +21,27 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Debian packages for the docs site and its test: headless Chromium and its driver, and KaTeX served from the site
+# (so pages load nothing from the internet). Installed with apt-get when missing (as root, or with sudo that needs
+# no password); where there is no apt-get, the docs test is skipped without Chromium.
+SYSTEM_DEPS := chromium chromium-driver libjs-katex
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	    && [ -f /usr/share/javascript/katex/katex.min.js ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	  echo "installing $(SYSTEM_DEPS) (apt-get)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_DEPS) >/dev/null; } \
+	    || echo "warning: could not install $(SYSTEM_DEPS): the docs test may be skipped or fail" >&2; \
+	else echo "note: no apt-get here: install Chromium, chromedriver and KaTeX for the docs test (skipped without them)" >&2; fi
+
 sentibench:
 	@test -d "$(COMPEFFDIST_SENTIBENCH)/sc" || $(BIN)/compeffdist sentibench download --to "$(COMPEFFDIST_SENTIBENCH)"
 
 demo: install sentibench
 	$(BIN)/compeffdist demo
 
-test: install sentibench
+test: install sentibench system-deps
 	$(BIN)/pytest -ra
 
 test-slow: install sentibench
@@ -54,7 +68,7 @@ test-vllm: $(VLLM_STAMP)
 bench: install
 	$(BIN)/python benchmarks/engines.py
 
-docs: install
+docs: install system-deps
 	$(BIN)/python tools/build_docs.py
 
 clean:
