@@ -60,3 +60,11 @@ def test_notebook_stays_inside_the_repository(nb):
 def test_readme_stays_inside_the_repository():
     hits = outside_refs((ROOT / "README.md").read_text(encoding="utf-8"))
     assert not hits, "README.md points outside the repository:\n" + "\n".join(hits)
+
+
+def test_index_lists_every_notebook():
+    "The index's table of notebooks names every numbered notebook, so a reader finds each one from the start page."
+    nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text(encoding="utf-8"))
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    missing = [p.stem for p in NBS if p.stem[0].isdigit() and f"`{p.stem}`" not in text]
+    assert not missing, f"index.ipynb does not list: {missing}"
