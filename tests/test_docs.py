@@ -52,6 +52,8 @@ def test_site_has_pages_sidebar_and_search(site):
     assert 'href="pipeline.html"' in html  # the sidebar links the tutorial
     assert "load_user_texts" in html  # an exported function is documented (nbdev show_doc)
     assert html.count("data:image/png;base64,") >= 1  # the notebook's saved plots are on the page
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert "as a literate nbdev library" in index  # a description over two lines is shown whole, not cut
     search = json.loads((site / "search.json").read_text(encoding="utf-8"))
     assert any("pipeline" in json.dumps(e) for e in search)
     assert not list(site.rglob("*.ipynb"))

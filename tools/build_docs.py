@@ -7,7 +7,8 @@
 Steps: (1) `nbdev.serve.proc_nbs` writes processed notebooks (show_doc cells for every exported name, directives
 applied) into _proc/; it executes only export cells, show_doc cells and cells that are nothing but imports (nbdev
 would also run cells mixing imports with other code, which then miss the variables of unexecuted cells);
-(2) _proc/sidebar.yml lists the notebooks in order, grouped as the index describes; (3) `smalldocs render _proc`.
+(2) each page is named as nbdev names it and keeps its whole `> description` (nbdev keeps its first line only);
+(3) _proc/sidebar.yml lists the notebooks in order, grouped as the index describes; (4) `smalldocs render _proc`.
 KaTeX for maths is copied into the site from a local copy (Debian's libjs-katex), so pages work offline.
 Quarto is not needed (`nbdev-docs` needs it; `nbdev-proc-nbs` tries to install it).
 """
@@ -58,6 +59,16 @@ def _frontmatter(nb: dict) -> tuple[int, dict]:
     return -1, {}
 
 
+def full_description(nb: dict) -> str | None:
+    "The `> description` of a notebook's title cell, all its lines joined (nbdev keeps only the first line)."
+    md = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
+    if md is None:
+        return None
+    src = "".join(md["source"]) if isinstance(md["source"], list) else md["source"]
+    m = re.search(r"^>[ \t]*\S.*(?:\n>.*)*", src, flags=re.MULTILINE)
+    return " ".join(l.lstrip(">").strip() for l in m.group(0).splitlines()).strip() if m else None
+
+
 def name_pages(proc: Path) -> list[tuple[str, str, str]]:
     "Rename each processed notebook to its nbdev page name (`output-file`, e.g. pipeline.html <- 19_pipeline.ipynb),\n    which smalldocs does not read; returns (original name, new name, title) in notebook order."
     pages = []
@@ -65,6 +76,9 @@ def name_pages(proc: Path) -> list[tuple[str, str, str]]:
         nb = json.loads(p.read_text(encoding="utf-8"))
         i, fm = _frontmatter(nb)
         target = Path(fm.pop("output-file", p.stem + ".html")).stem + ".ipynb"
+        src = ROOT / "nbs" / p.name
+        if fm.get("description") and src.is_file():
+            fm["description"] = full_description(json.loads(src.read_text(encoding="utf-8"))) or fm["description"]
         if i >= 0:
             nb["cells"][i]["source"] = "---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n"
         (proc / target).write_text(json.dumps(nb, ensure_ascii=False), encoding="utf-8")
