@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +18,9 @@ from .core import (CompeffdistError, ModelConfig, StageStats, TrainingConfig, pa
                               read_jsonl, stable_hash, write_json)
 
 # %% auto #0
-__all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'train_student', 'completion_loss', 'run_warmup',
-           'run_training', 'train_cli']
+__all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'sft_args', 'one_gpu_per_process',
+           'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'train_student',
+           'completion_loss', 'run_warmup', 'run_training', 'train_cli']
 
 # %% ../nbs/17_training.ipynb #57c27b6c
 def load_records(data: Sequence[dict] | str | os.PathLike) -> tuple[list[dict], str]:
@@ -83,67 +85,187 @@ def _loss_history(log_history: list[dict]) -> list[dict]:
             for h in log_history if "loss" in h]
 
 
-def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir: str | os.PathLike,
-                  cfg: TrainingConfig = TrainingConfig(), student: ModelConfig | None = None,
-                  progress: bool = True, extra_card: dict | None = None) -> dict:
-    "Fine-tune `model` on `instruction`/`output` records; write model, tokenizer and `card.json` to `out_dir`."
+def _is_main_process() -> bool:
+    "True in the main process of a distributed launch (`RANK` 0), and in a plain process."
+    return int(os.environ.get("RANK", "0")) == 0
+
+# %% ../nbs/17_training.ipynb #0f43a703
+def sft_args(cfg: TrainingConfig, output_dir: str | os.PathLike, device: str = "cpu", progress: bool = True):
+    "The TRL `SFTConfig` of a `TrainingConfig` on `device` (bf16 `auto`: on a GPU that supports it)."
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-    from compeffdist.models import hf_model_path, load_tokenizer, pick_device, resolve_model
-    student = student or ModelConfig(model=model)
-    records, source = load_records(data)
-    ref = resolve_model(model)
-    device = pick_device(student.device)
-    tok = load_tokenizer(ref, padding_side="right")
-    rows, info = tokenize_records(tok, records, cfg.max_length)
-    bf16 = (device.startswith("cuda") and torch.cuda.is_bf16_supported()) if cfg.bf16 == "auto" else bool(cfg.bf16)
-    out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    args = SFTConfig(
-        output_dir=str(work), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio < 1 else 0.999,
-        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        max_grad_norm=cfg.max_grad_norm, per_device_train_batch_size=cfg.per_device_batch_size,
+    from trl import SFTConfig
+    cuda = device.startswith("cuda")
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 == "auto" else bool(cfg.bf16)
+    tf32 = cuda and torch.cuda.get_device_capability()[0] >= 8
+    return SFTConfig(
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio < 1 else 0.999, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-        packing=cfg.packing, completion_only_loss=True, gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=bf16, use_cpu=device == "cpu", logging_steps=cfg.logging_steps, logging_first_step=True,
-        save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress)
-    net = AutoModelForCausalLM.from_pretrained(hf_model_path(ref), dtype=_model_dtype(student.dtype, device),
-                                               revision=ref.identity.split("@", 1)[1] if ref.kind == "hub" else None)
-    net.config.use_cache = False
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=peft_config)
-    t0 = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - t0
-    history = _loss_history(trainer.state.log_history)
-    card = {"base_model": model, "base_identity": ref.identity, "method": "lora" if cfg.lora else "full",
+        packing=cfg.packing, completion_only_loss=True, activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=bf16, tf32=True if tf32 else None, use_cpu=device == "cpu", logging_steps=cfg.logging_steps,
+        logging_first_step=True, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        include_num_input_tokens_seen=True, disable_tqdm=not progress)
+
+# %% ../nbs/17_training.ipynb #842ac173
+def one_gpu_per_process(args) -> int:
+    "Keep a non-distributed training process on one GPU (no `nn.DataParallel`); returns the GPUs it sees."
+    import warnings
+    seen = args.n_gpu
+    if seen > 1:
+        args._n_gpu = 1  # what Trainer itself does for a model-parallel model
+        warnings.warn(f"{seen} GPUs are visible to one training process: it trains on the first only. To train on "
+                      f"all of them: accelerate launch --num_processes {seen} $(which compeffdist) train ...",
+                      stacklevel=2)
+    return seen
+
+# %% ../nbs/17_training.ipynb #c30680bb
+def attention_implementation(device: str, dtype, override: str | None = None) -> str:
+    "The attention kernel to train with: `override`, else FlashAttention 3/2 (GPU, bf16/fp16, installed), else SDPA."
+    import torch
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    if override:
+        return override
+    if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
+        if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] >= 9:
+            return "flash_attention_3"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+# %% ../nbs/17_training.ipynb #5f415afa
+def check_full_save(trainer) -> None:
+    "Make `trainer.save_model` write one whole model: FSDP gathers a full state dict; ZeRO-3 must gather 16-bit weights."
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        zero = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization", {})
+        if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            raise CompeffdistError("DeepSpeed ZeRO-3 cannot save the trained student as one model: set "
+                                   "zero3_save_16bit_model: true in the accelerate config (or "
+                                   "stage3_gather_16bit_weights_on_model_save in the DeepSpeed config)")
+
+# %% ../nbs/17_training.ipynb #23359869
+@contextmanager
+def _peft_quiet():
+    "peft 0.21 reads `is_gradient_checkpointing`, which transformers 5 renamed: silence that one deprecation."
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def save_student(trainer, dest: str | os.PathLike, lora: bool = False, base: dict | None = None) -> None:
+    "Write the trained model and tokenizer to `dest` (call it in every process); LoRA: merged into `base` weights."
+    import shutil
+    dest = Path(dest)
+    check_full_save(trainer)
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+    if not lora:
+        trainer.save_model(str(dest))
+    else:
+        adapter = dest.with_name(dest.name + "-adapter")
+        trainer.save_model(str(adapter))
+        if trainer.is_world_process_zero():
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+            with _peft_quiet():
+                merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(**base), str(adapter))
+            merged = merged.merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(dest)
+            trainer.processing_class.save_pretrained(dest)
+            shutil.rmtree(adapter, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        (dest / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; the card has them
+    trainer.accelerator.wait_for_everyone()
+
+# %% ../nbs/17_training.ipynb #c821485a
+def _cuda_initialized() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def release_memory() -> None:
+    "Collect unreferenced models (cycles included), then return the CUDA allocator's cached blocks to the device."
+    import gc
+    gc.collect()
+    if _cuda_initialized():
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+# %% ../nbs/17_training.ipynb #f1d0e0a9
+def _lora_config(cfg: TrainingConfig):
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus) -> dict:
+    history, args = _loss_history(trainer.state.log_history), trainer.args
+    tokens = trainer.state.num_input_tokens_seen
+    return {"base_model": model, "base_identity": ref.identity, "method": "lora" if cfg.lora else "full",
             "format": "chat", "config": cfg.model_dump(mode="json"),
             "data": {"source": source, "hash": data_hash(records), **info},
             "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
             "final_loss": history[-1]["loss"] if history else None, "train_loss": result.training_loss,
-            "seconds": round(seconds, 2), "loss_history": history, "device": device, "bf16": bf16,
-            "world_size": args.world_size,
-            "effective_batch": cfg.per_device_batch_size * cfg.gradient_accumulation_steps * args.world_size,
-            "versions": package_versions(), **(extra_card or {})}
-    if trainer.is_world_process_zero():
-        final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
-        final.config.use_cache = True
-        model_tmp = work / "model"
-        final.save_pretrained(model_tmp)
-        tok.save_pretrained(model_tmp)
-        write_json(model_tmp / "card.json", card)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(model_tmp, out_dir)
+            "seconds": round(seconds, 2), "tokens_seen": tokens, "tokens_per_second": round(tokens / seconds, 1),
+            "loss_history": history, "device": device, "bf16": args.bf16, "attn_implementation": attn,
+            "gpus_visible": gpus, "world_size": args.world_size,
+            "effective_batch": args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "versions": package_versions()}
+
+# %% ../nbs/17_training.ipynb #88ff9d3a
+def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir: str | os.PathLike,
+                  cfg: TrainingConfig = TrainingConfig(), student: ModelConfig | None = None,
+                  progress: bool = True, extra_card: dict | None = None) -> dict:
+    "Fine-tune `model` on `instruction`/`output` records; write model, tokenizer and `card.json` to `out_dir`."
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+    from compeffdist.models import hf_model_path, load_tokenizer, pick_device, ref_revision, resolve_model
+    student = student or ModelConfig(model=model)
+    records, source = load_records(data)
+    ref, device = resolve_model(model, student.revision), pick_device(student.device)
+    tok = load_tokenizer(ref, padding_side="right")
+    rows, info = tokenize_records(tok, records, cfg.max_length)
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    if _is_main_process():
         shutil.rmtree(work, ignore_errors=True)
+    args = sft_args(cfg, work, device, progress)
+    gpus = one_gpu_per_process(args)
+    base = {"pretrained_model_name_or_path": hf_model_path(ref), "dtype": _model_dtype(student.dtype, device),
+            "revision": ref_revision(ref)}
+    attn = attention_implementation(device, base["dtype"], student.options.get("attn_implementation"))
+    net = AutoModelForCausalLM.from_pretrained(**base, attn_implementation=attn)
+    net.config.use_cache = False
+    with _peft_quiet():
+        trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=_lora_config(cfg))
+    check_full_save(trainer)  # a config that cannot save fails now, not after training
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    card = {**_card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus),
+            **(extra_card or {})}
+    save_student(trainer, work / "model", cfg.lora, base)
+    if trainer.is_world_process_zero():
+        write_json(work / "model" / "card.json", card)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(work / "model", out_dir)
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no process goes on before the model is in place
+    trainer.accelerator.free_memory()
+    del trainer, net, result
+    release_memory()
     return card
 
 # %% ../nbs/17_training.ipynb #4980de1d
@@ -190,7 +312,8 @@ def run_warmup(ctx) -> StageStats:
     card = train_student(ctx.cfg.student.model, subset, ctx.store.path("warmup", "model"), wc.training,
                          ctx.cfg.student, progress=ctx.progress,
                          extra_card={"fraction": wc.fraction, "sample_ids": [r.get("id") for r in subset]})
-    write_json(ctx.store.path("warmup", "card.json"), card)
+    if _is_main_process():
+        write_json(ctx.store.path("warmup", "card.json"), card)
     stats.add("samples_trained", card["data"]["trained_samples"])
     stats.info.update(final_loss=card["final_loss"], steps=card["steps"], seconds=card["seconds"])
     return stats
@@ -203,7 +326,8 @@ def run_training(ctx) -> StageStats:
     stats.add("samples_in", len(records))
     card = train_student(ctx.cfg.student.model, records, ctx.store.path("training", "model"), ctx.cfg.training,
                          ctx.cfg.student, progress=ctx.progress)
-    write_json(ctx.store.path("training", "card.json"), card)
+    if _is_main_process():
+        write_json(ctx.store.path("training", "card.json"), card)
     stats.add("samples_trained", card["data"]["trained_samples"])
     stats.drop("too_long", card["data"]["dropped_too_long"])
     stats.info.update(final_loss=card["final_loss"], steps=card["steps"], seconds=card["seconds"],
@@ -255,6 +379,7 @@ def train_cli(argv: list[str] | None = None) -> int:
                                    "sampling first, or give --data JSONL --out DIR")
         run_training(RunContext(cfg, store))
         card, where = read_json(store.root / "training" / "card.json"), store.root / "training" / "model"
-    print(f"trained {card['base_model']} on {card['data']['trained_samples']} samples: {card['steps']} steps, "
-          f"final loss {card['final_loss']}, {card['seconds']:.0f}s -> {where}")
+    if _is_main_process():
+        print(f"trained {card['base_model']} on {card['data']['trained_samples']} samples: {card['steps']} steps, "
+              f"final loss {card['final_loss']}, {card['seconds']:.0f}s -> {where}")
     return 0
