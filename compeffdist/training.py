@@ -219,6 +219,7 @@ def _card(model, ref, cfg, source, records, info, trainer, result, seconds, devi
             "seconds": round(seconds, 2), "tokens_seen": tokens, "tokens_per_second": round(tokens / seconds, 1),
             "loss_history": history, "device": device, "bf16": args.bf16, "attn_implementation": attn,
             "gpus_visible": gpus, "world_size": args.world_size,
+            "distributed": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             "effective_batch": args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
             "versions": package_versions()}
 
