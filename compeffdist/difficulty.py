@@ -7,29 +7,34 @@ baselines, a proxy model that predicts difficulty without the teacher's response
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import sys
 import time
+import weakref
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 
-from .core import (CompeffdistError, StageStats, atomic_write, read_json, read_jsonl, write_json,
-                              write_jsonl)
+from .core import (CompeffdistError, StageStats, atomic_write, read_json, read_jsonl, stable_hash,
+                              write_json, write_jsonl)
 from .models import hf_model_path, load_causal_lm, load_tokenizer, pick_device, resolve_model
 
 # %% auto #0
 __all__ = ['METRICS', 'SENTIBENCH_TASKS', 'nucleus_sizes', 'rank_token_scores', 'reference_rank_token_scores', 'mean_nonzero',
-           'SampleError', 'EncodedSample', 'chat_prompt', 'raw_text', 'encode_sample', 'tail_logits',
+           'SampleError', 'EncodedSample', 'chat_prompt', 'raw_text', 'encode_sample', 'float32_logits', 'tail_logits',
            'sequence_metrics', 'parse_metrics', 'DifficultyScorer', 'reference_rank_score', 'shard_bounds',
            'shard_path', 'merge_shards', 'score_file', 'score_cli', 'proxy_metrics', 'percentile_ranks',
-           'DifficultyProxy', 'scoring_model', 'run_difficulty', 'sentibench_samples']
+           'DifficultyProxy', 'Processes', 'processes', 'weights_fingerprint', 'read_partial_scores', 'score_resumable',
+           'scoring_model', 'run_difficulty', 'sentibench_samples']
 
 # %% ../nbs/15_difficulty.ipynb #fb0b783b
 def nucleus_sizes(probs, top_p: float = 0.95, k0: int = 64):
@@ -149,6 +154,28 @@ def encode_sample(tokenizer, record: dict, fmt: str = "chat", max_length: int = 
         raise SampleError("too_long", f"the prompt alone has {start} tokens (max_length {max_length})")
     return EncodedSample(ids[:max_length], start, length, len(ids) > max_length)
 
+# %% ../nbs/15_difficulty.ipynb #5ecae135
+_HEAD32: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # output layer -> its float32 weights
+
+
+@contextmanager
+def float32_logits(model):
+    "Within the block, `model`'s output layer (if bf16/fp16) computes its logits in float32."
+    import torch
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype == torch.float32:
+        yield
+        return
+    if head not in _HEAD32:
+        with torch.no_grad():
+            _HEAD32[head] = (head.weight.float(), None if head.bias is None else head.bias.float())
+    w, b = _HEAD32[head]
+    hook = head.register_forward_hook(lambda mod, args, out: torch.nn.functional.linear(args[0].float(), w, b))
+    try:
+        yield
+    finally:
+        hook.remove()
+
 # %% ../nbs/15_difficulty.ipynb #908b0436
 def tail_logits(model, seqs: Sequence[Sequence[int]], tail: int, pad_id: int):
     "Logits [B, tail, V] predicting the last `tail` tokens of each left-padded sequence."
@@ -161,7 +188,7 @@ def tail_logits(model, seqs: Sequence[Sequence[int]], tail: int, pad_id: int):
         ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long); mask[j, width - len(s):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
-    with torch.inference_mode():
+    with float32_logits(model), torch.inference_mode():
         try:
             logits = model(**kw, logits_to_keep=tail + 1).logits
         except TypeError:  # a model class without logits_to_keep
@@ -229,10 +256,14 @@ class DifficultyScorer:
         self.context_id = ctx  # what the unconditioned (IFD) pass reads before the response
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "float32", **kw) -> "DifficultyScorer":
-        "Load any model spec (alias, folder, .gguf, hub id) and build a scorer (only the tokenizer for `length`)."
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", **kw) -> "DifficultyScorer":
+        """Load any model spec (alias, folder, .gguf, hub id) and build a scorer (only the tokenizer for `length`).
+        `dtype` auto: bf16 on a GPU that supports it, else float32; TF32 matmuls on a GPU."""
         if set(parse_metrics(kw.get("metrics", METRICS))) == {"length"}:
             return cls(None, load_tokenizer(model), **kw)
+        if pick_device(device).startswith("cuda"):
+            import torch
+            torch.set_float32_matmul_precision("high")
         m, tok = load_causal_lm(model, dtype=dtype, device=device)
         return cls(m, tok, **kw)
 
@@ -247,34 +278,58 @@ class DifficultyScorer:
                 out.append(e)
         return out
 
-    def score(self, records: Sequence[dict], progress: bool = False) -> list[dict | SampleError]:
-        "Metrics of each record (a dict), or the `SampleError` that kept it from being scored; input order."
-        from tqdm.auto import tqdm
-        enc = self.encode(records)
-        ok = sorted((i for i, e in enumerate(enc) if isinstance(e, EncodedSample)), key=lambda i: -len(enc[i].ids))
-        res: list = [e if isinstance(e, SampleError) else None for e in enc]
-        need_fwd = bool({"rank", "ppl", "ifd"} & set(self.metrics))
-        batches = [ok[s:s + self.batch_size] for s in range(0, len(ok), self.batch_size)]
-        for batch in tqdm(batches, desc="difficulty", unit="batch", disable=not progress, dynamic_ncols=True):
-            es = [enc[i] for i in batch]
-            got = [{} for _ in es]
-            if need_fwd:
-                m = sequence_metrics(self.model, [e.ids for e in es], [len(e.targets) for e in es], self.pad_id,
-                                     self.top_p, rank="rank" in self.metrics)
-                for g, x in zip(got, m):
-                    if "rank" in self.metrics: g["rank"] = x["rank"]
-                    g["_nll"] = x["nll"]
-            if "ifd" in self.metrics:
-                un = sequence_metrics(self.model, [[self.context_id] + e.targets for e in es],
-                                      [len(e.targets) for e in es], self.pad_id, rank=False)
-                for g, x in zip(got, un):
-                    g["ifd"] = math.exp(g["_nll"] - x["nll"])
-            for i, e, g in zip(batch, es, got):
-                nll = g.pop("_nll", None)
-                if "ppl" in self.metrics: g["ppl"] = math.exp(nll)
-                if "length" in self.metrics: g["length"] = e.length
-                res[i] = {m: g[m] for m in self.metrics}
-        return res
+    def close(self) -> None:
+        "Drop the model and give its memory back (see `release_memory` in the training module)."
+        from compeffdist.training import release_memory
+        self.model = None
+        release_memory()
+
+# %% ../nbs/15_difficulty.ipynb #4ddeaabf
+@patch
+def score_batch(self: DifficultyScorer, es: Sequence[EncodedSample]) -> list[dict]:
+    "Metrics of encoded samples (one batch)."
+    got = [{} for _ in es]
+    if {"rank", "ppl", "ifd"} & set(self.metrics):
+        m = sequence_metrics(self.model, [e.ids for e in es], [len(e.targets) for e in es], self.pad_id,
+                             self.top_p, rank="rank" in self.metrics)
+        for g, x in zip(got, m):
+            if "rank" in self.metrics: g["rank"] = x["rank"]
+            g["_nll"] = x["nll"]
+    if "ifd" in self.metrics:
+        un = sequence_metrics(self.model, [[self.context_id] + e.targets for e in es],
+                              [len(e.targets) for e in es], self.pad_id, rank=False)
+        for g, x in zip(got, un):
+            g["ifd"] = math.exp(g["_nll"] - x["nll"])
+    for e, g in zip(es, got):
+        nll = g.pop("_nll", None)
+        if "ppl" in self.metrics: g["ppl"] = math.exp(nll)
+        if "length" in self.metrics: g["length"] = e.length
+    return [{m: g[m] for m in self.metrics} for g in got]
+
+# %% ../nbs/15_difficulty.ipynb #dd2945cf
+@patch
+def score_iter(self: DifficultyScorer, records: Sequence[dict],
+               progress: bool = False) -> Iterator[tuple[list[int], list[dict | SampleError]]]:
+    "Yield (positions, results) batch by batch: first the records that cannot be scored, then each scored batch."
+    from tqdm.auto import tqdm
+    enc = self.encode(records)
+    bad = [i for i, e in enumerate(enc) if isinstance(e, SampleError)]
+    if bad:
+        yield bad, [enc[i] for i in bad]
+    ok = sorted((i for i, e in enumerate(enc) if isinstance(e, EncodedSample)), key=lambda i: -len(enc[i].ids))
+    batches = [ok[s:s + self.batch_size] for s in range(0, len(ok), self.batch_size)]
+    for batch in tqdm(batches, desc="difficulty", unit="batch", disable=not progress, dynamic_ncols=True):
+        yield batch, self.score_batch([enc[i] for i in batch])
+
+
+@patch
+def score(self: DifficultyScorer, records: Sequence[dict], progress: bool = False) -> list[dict | SampleError]:
+    "Metrics of each record (a dict), or the `SampleError` that kept it from being scored; input order."
+    res: list = [None] * len(records)
+    for pos, got in self.score_iter(records, progress):
+        for i, r in zip(pos, got):
+            res[i] = r
+    return res
 
 # %% ../nbs/15_difficulty.ipynb #aa4424ab
 def reference_rank_score(model, tokenizer, record: dict, fmt: str = "chat", max_length: int = 2048,
@@ -283,7 +338,7 @@ def reference_rank_score(model, tokenizer, record: dict, fmt: str = "chat", max_
     import torch
     e = encode_sample(tokenizer, record, fmt, max_length)
     ids = torch.tensor([e.ids], device=next(model.parameters()).device)
-    with torch.inference_mode():
+    with float32_logits(model), torch.inference_mode():
         logits = model(input_ids=ids).logits[0]
     return mean_nonzero(reference_rank_token_scores(logits[e.start - 1:-1], ids[0, e.start:], top_p))
 
@@ -346,8 +401,8 @@ def score_file(scorer: DifficultyScorer, input: str | os.PathLike, output: str |
 def score_cli(argv: list[str] | None = None) -> int:
     "compeffdist score: difficulty metrics of a JSON-lines corpus (data-parallel under `accelerate launch`)."
     ap = argparse.ArgumentParser(prog="compeffdist score", description=(
-        "Difficulty of each (instruction, output) record for a student model: ranking-based score (METHOD.md "
-        "2.1), perplexity, IFD and response length. Data-parallel: accelerate launch $(which compeffdist) score ..."))
+        "Difficulty of each (instruction, output) record for a student model: ranking-based score, "
+        "perplexity, IFD and response length. Data-parallel: accelerate launch $(which compeffdist) score ..."))
     ap.add_argument("--model", required=True, help="scoring model: alias, folder (e.g. warmup/model), .gguf or hub id")
     ap.add_argument("--input", required=True, help="JSON lines with 'instruction' and 'output'")
     ap.add_argument("--output", required=True, help="JSON lines: the input records plus 'difficulty'")
@@ -357,7 +412,7 @@ def score_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=2048, help="tokens; longer samples are truncated")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under accelerate: the process's device)")
-    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if not 0 < a.top_p <= 1: raise CompeffdistError(f"--top-p must be in (0, 1], got {a.top_p}")
@@ -513,6 +568,91 @@ class DifficultyProxy:
         return out
 
 # %% ../nbs/15_difficulty.ipynb #ff03264c
+@dataclass
+class Processes:
+    "This process among those of a launch: rank, count, device and barrier (a single process: 0 of 1)."
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def processes(device: str = "auto") -> Processes:
+    "This process's place in an `accelerate launch` / `torchrun` launch (with its own device), or a single process."
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes(0, 1, pick_device(device))
+    from accelerate import PartialState
+    state = PartialState(cpu=pick_device(device) == "cpu")
+    return Processes(state.process_index, state.num_processes, str(state.device), state.wait_for_everyone)
+
+
+def weights_fingerprint(spec: str) -> str:
+    "Identity of a model's weights: a folder's safetensors files (sizes, first and last MiB), else the spec's identity."
+    ref = resolve_model(spec)
+    if ref.kind != "dir":
+        return ref.identity
+    h = hashlib.sha256(ref.identity.encode())
+    for f in sorted(Path(ref.location).glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            h.update(f"{f.name}:{size}".encode()); h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20))); h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+# %% ../nbs/15_difficulty.ipynb #2339e692
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def _record_key(r) -> str:
+    return stable_hash([r.get("instruction"), r.get("output")] if isinstance(r, dict) else r)
+
+
+def read_partial_scores(folder: str | os.PathLike, key: str) -> dict:
+    "Results found in the per-process files of `key` (record key -> metrics or `SampleError`)."
+    known = {}
+    for p in sorted(Path(folder).glob(f".scored-{key}-*.jsonl")):
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a killed attempt
+                    continue
+                known[row["key"]] = SampleError(row["error"]) if "error" in row else row["result"]
+    return known
+
+
+def score_resumable(scorer: DifficultyScorer, records: Sequence[dict], folder: str | os.PathLike, key: str,
+                    procs: Processes = Processes(), progress: bool = False) -> list[dict | SampleError]:
+    "Score `records` (input order), skipping those already in the files of `key`, appending new results as they come."
+    keys = [_record_key(r) for r in records]
+    todo = [i for i, k in enumerate(keys) if k not in read_partial_scores(folder, key)]
+    procs.barrier()  # every process has read the same files before any of them writes
+    lo, hi = shard_bounds(len(todo), procs.rank, procs.world)
+    mine = todo[lo:hi]
+    path = Path(folder) / f".scored-{key}-{procs.rank}.jsonl"
+    cut = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        if cut:  # a killed attempt's last line: end it, so that the next result starts a line of its own
+            f.write("\n")
+        for pos, got in scorer.score_iter([records[i] for i in mine], progress=progress and procs.main):
+            for j, r in zip(pos, got):
+                res = {"error": r.reason} if isinstance(r, SampleError) else {"result": r}
+                f.write(json.dumps({"key": keys[mine[j]], **res}) + "\n")
+            f.flush()
+    procs.barrier()
+    known = read_partial_scores(folder, key)
+    if missing := sum(k not in known for k in keys):
+        raise CompeffdistError(f"difficulty: {missing} records have no score after scoring (a process failed?)")
+    return [known[k] for k in keys]
+
+# %% ../nbs/15_difficulty.ipynb #e0c44e4b
 def scoring_model(ctx) -> str:
     "The warm-up student when the run has one, else the base student."
     w = ctx.store.root / "warmup" / "model"
@@ -544,11 +684,12 @@ def run_difficulty(ctx) -> StageStats:
         records = [r for r in records if r.get("id") not in warm]
         if not records:
             raise CompeffdistError("difficulty: every response is in the warm-up subset (lower warmup.fraction)")
-    spec = scoring_model(ctx)
+    spec, procs = scoring_model(ctx), processes(ctx.cfg.student.device)
     stats.info["scoring_model"] = "warmup/model" if spec.endswith(os.path.join("warmup", "model")) else spec
-    scorer = DifficultyScorer.load(spec, device=ctx.cfg.student.device, dtype=cfg.dtype, fmt=cfg.format,
-                                   top_p=cfg.top_p, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                   metrics=cfg.metrics)
+    scorer = DifficultyScorer.load(spec, device=procs.device, dtype=cfg.dtype, fmt=cfg.format, top_p=cfg.top_p,
+                                   batch_size=cfg.batch_size, max_length=cfg.max_length, metrics=cfg.metrics)
+    stats.info.update(dtype=str(scorer.model.dtype).removeprefix("torch.") if scorer.model is not None else None,
+                      processes=procs.world)
     direct = list(range(len(records)))
     if cfg.proxy.enabled:
         if "rank" not in cfg.metrics:
@@ -556,11 +697,13 @@ def run_difficulty(ctx) -> StageStats:
         rng = random.Random(ctx.cfg.run.seed)
         direct = sorted(rng.sample(direct, max(8, round(cfg.proxy.train_fraction * len(records)))
                                    if len(records) > 8 else len(records)))
+    folder = ctx.store.path("difficulty")
+    key = stable_hash([weights_fingerprint(spec), cfg.format, cfg.top_p, cfg.max_length, list(cfg.metrics), cfg.dtype])
     results: list = [None] * len(records)
-    for i, res in zip(direct, scorer.score([records[i] for i in direct], progress=ctx.progress)):
+    for i, res in zip(direct, score_resumable(scorer, [records[i] for i in direct], folder, key, procs, ctx.progress)):
         results[i] = res
     if cfg.proxy.enabled:
-        _proxy_fill(ctx, records, results, direct, scorer, stats)
+        _proxy_fill(ctx, records, results, direct, scorer, stats, procs)
     out = []
     for r, res in zip(records, results):
         if isinstance(res, SampleError):
@@ -572,21 +715,27 @@ def run_difficulty(ctx) -> StageStats:
     if records and not out:
         raise CompeffdistError(f"difficulty: none of the {len(records)} responses could be scored "
                                f"({', '.join(f'{k} {v}' for k, v in stats.drops.most_common())})")
-    write_jsonl(ctx.store.path("difficulty", "scored.jsonl"), out)
+    procs.barrier()  # every process has read the partial files
+    if procs.main:
+        write_jsonl(folder / "scored.jsonl", out)
+        for p in folder.glob(".scored-*.jsonl"):
+            p.unlink()
+    procs.barrier()  # no process goes on before scored.jsonl exists
+    scorer.close()
     stats.add("samples_out", len(out))
     stats.info["metrics"] = {m: _summary([r["difficulty"][m] for r in out if m in r["difficulty"]])
                              for m in cfg.metrics}
     return stats
 
 
-def _proxy_fill(ctx, records, results, direct, scorer, stats):
+def _proxy_fill(ctx, records, results, direct, scorer, stats, procs: Processes = Processes()):
     "Train the proxy on the direct scores (less a held-out part it is measured on), predict every other record."
     pc = ctx.cfg.difficulty.proxy
     scored = [i for i in direct if isinstance(results[i], dict)]
     rng = random.Random(ctx.cfg.run.seed + 1)
     held = set(rng.sample(scored, max(2, round(pc.eval_fraction * len(scored))))) if len(scored) >= 6 else set()
     train = [i for i in scored if i not in held]
-    proxy = DifficultyProxy(pc.model, pc.max_length, pc.batch_size, device=ctx.cfg.student.device, target=pc.target)
+    proxy = DifficultyProxy(pc.model, pc.max_length, pc.batch_size, device=procs.device, target=pc.target)
     prompts = lambda idx: [records[i]["instruction"] for i in idx]
     proxy.fit(prompts(train), [results[i]["rank"] for i in train], finetune=pc.finetune, epochs=pc.epochs,
               learning_rate=pc.learning_rate, seed=ctx.cfg.run.seed)
@@ -607,7 +756,8 @@ def _proxy_fill(ctx, records, results, direct, scorer, stats):
     report["n_predicted"] = len(ok)
     stats.info["proxy"] = report
     stats.add("proxy_predicted", len(ok)); stats.add("directly_scored", len(scored))
-    write_json(ctx.store.path("difficulty", "proxy.json"), report)
+    if procs.main:
+        write_json(ctx.store.path("difficulty", "proxy.json"), report)
 
 # %% ../nbs/15_difficulty.ipynb #d86cc48f
 SENTIBENCH_TASKS = {  # dataset -> (task name, what to decide)
