@@ -16,17 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fastcore.basics import patch
+
 from .core import (CompeffdistError, ModelConfig, StageStats, package_versions, read_json, read_jsonl,
                               stable_hash, write_json, write_jsonl, atomic_write)
 from .data import SENTIBENCH, SentiBenchDataset, cut_text, load_sentibench, sentibench_dataset, sentibench_root
 
 # %% auto #0
-__all__ = ['CLASSIFICATION_INSTRUCTIONS', 'MAX_NEW_TOKENS', 'INVALID', 'ROLE_ORDER', 'fsa_instruction', 'gold_items',
+__all__ = ['CLASSIFICATION_INSTRUCTIONS', 'MAX_NEW_TOKENS', 'SPLITS', 'INVALID', 'ROLE_ORDER', 'fsa_instruction', 'gold_items',
            'answer_json', 'Example', 'build_examples', 'extract_answer', 'answer_complete', 'parse_answer',
            'predicted_items', 'micro_f1', 'space_spans', 'opinion_tuples', 'predicted_opinions', 'weighted_tuple_f1',
            'score_predictions', 'HFBackend', 'LlamaCppBackend', 'VLLMBackend', 'open_backend', 'verbalizer',
-           'resolve_datasets', 'prediction_key', 'predict', 'evaluate_model', 'load_results', 'results_table',
-           'plot_scores', 'write_report', 'evaluation_models', 'run_evaluation', 'eval_cli']
+           'resolve_datasets', 'datasets_with_split', 'result_path', 'prediction_path', 'prediction_key', 'predict',
+           'evaluate_model', 'load_results', 'results_table', 'plot_scores', 'write_report', 'evaluation_models',
+           'run_evaluation', 'eval_cli']
 
 # %% ../nbs/18_sentibench.ipynb #90806d3c
 _SA = ("Please perform Sentiment Analysis task. Given the sentence, assign a sentiment polarity label from {labels}. "
@@ -215,11 +218,16 @@ def _gold_tuples(name: str, rec: dict, fixed: bool) -> list[tuple]:
     return [tuple(it[k] for k in keys) for it in gold_items(name, rec, fixed)]
 
 
+SPLITS = ("test", "val")
+
+
 def build_examples(name: str, shots: int = 4, seed: int = 42, limit: int | None = None, max_chars: int | None = None,
-                   fixed: bool = False, root: str | os.PathLike | None = None) -> list[Example]:
-    "The test examples of a dataset with their k-shot prompts, demonstrations drawn as the reference draws them."
+                   fixed: bool = False, root: str | os.PathLike | None = None, split: str = "test") -> list[Example]:
+    "The examples of a dataset's `split` with their k-shot prompts, demonstrations drawn from train as the reference does."
+    if split not in SPLITS:
+        raise CompeffdistError(f"unknown SentiBench split '{split}' (one of: {', '.join(SPLITS)})")
     ds = sentibench_dataset(name)
-    test, pool = load_sentibench(ds.name, "test", root), load_sentibench(ds.name, "train", root)
+    test, pool = load_sentibench(ds.name, split, root), load_sentibench(ds.name, "train", root)
     if shots > len(pool):
         raise CompeffdistError(f"{ds.name}: {shots} shots asked, but train.json has only {len(pool)} examples")
     rng = random.Random(seed)
@@ -559,9 +567,10 @@ class HFBackend(_HFTokens):
     "transformers model: batched last-position logits for classification, batched greedy generation."
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8):
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
+                 revision: str | None = None):
         from compeffdist.models import load_causal_lm, resolve_model
-        self.ref = resolve_model(model)
+        self.ref = resolve_model(model, revision)
         self.model, self.tokenizer = load_causal_lm(self.ref, dtype=dtype, device=device)
         self.tokenizer.padding_side = "left"
         self.device = next(self.model.parameters()).device
@@ -582,53 +591,59 @@ class HFBackend(_HFTokens):
                 x[j, width - len(ids[i]):] = torch.tensor(ids[i]); mask[j, width - len(ids[i]):] = 1
             yield pos, x.to(self.device), mask.to(self.device)
 
-    def next_token_scores(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[tuple[list[float], int]]:
-        "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
-        import torch
-        out: list = [None] * len(prompts)
-        penalty = getattr(self.model.generation_config, "repetition_penalty", None) or 1.0
-        cols = torch.tensor(list(token_ids), device=self.device)
-        for pos, x, mask in self._batches(prompts):
-            with torch.no_grad():
-                logits = self.model(input_ids=x, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
-            if penalty != 1.0:  # what generate's RepetitionPenaltyLogitsProcessor does to the first-step scores
-                seen = torch.zeros_like(logits, dtype=torch.bool)
-                for j in range(len(x)): seen[j, x[j][mask[j].bool()]] = True
-                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-            sel, top = logits[:, cols].tolist(), logits.argmax(-1).tolist()
-            for j, i in enumerate(pos):
-                out[i] = (sel[j], top[j])
-        return out
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int,
-                 done: Callable[[str, str], bool] | None = None) -> list[str]:
-        "Greedy continuations; a sequence stops at EOS, at `max_new_tokens`, or once `done(prompt, text)`."
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        tok, out = self.tokenizer, [None] * len(prompts)
-
-        class Done(StoppingCriteria):
-            def __init__(self, rows, start): self.rows, self.start = rows, start
-            def __call__(self, input_ids, scores, **kw):
-                texts = tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-                return torch.tensor([done(prompts[i], t) for i, t in zip(self.rows, texts)], device=input_ids.device)
-
-        for pos, x, mask in self._batches(prompts):
-            crit = StoppingCriteriaList([Done(pos, x.shape[1])]) if done else None
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                                          stopping_criteria=crit, pad_token_id=tok.pad_token_id)
-            texts = tok.batch_decode(gen[:, x.shape[1]:], skip_special_tokens=True)
-            for j, i in enumerate(pos):
-                out[i] = texts[j]
-        return out
-
     def close(self):
-        del self.model
-        import gc; gc.collect()
+        "Drop the model and give its memory back to the device (before vLLM, say, starts in this process)."
+        from compeffdist.training import release_memory
+        self.model = None
+        release_memory()
 
+# %% ../nbs/18_sentibench.ipynb #36283b7e
+@patch
+def next_token_scores(self: HFBackend, prompts: Sequence[str], token_ids: Sequence[int]) -> list[tuple[list[float], int]]:
+    "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
+    import torch
+    out: list = [None] * len(prompts)
+    penalty = getattr(self.model.generation_config, "repetition_penalty", None) or 1.0
+    cols = torch.tensor(list(token_ids), device=self.device)
+    for pos, x, mask in self._batches(prompts):
+        with torch.no_grad():
+            logits = self.model(input_ids=x, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+        if penalty != 1.0:  # what generate's RepetitionPenaltyLogitsProcessor does to the first-step scores
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            for j in range(len(x)): seen[j, x[j][mask[j].bool()]] = True
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        sel, top = logits[:, cols].tolist(), logits.argmax(-1).tolist()
+        for j, i in enumerate(pos):
+            out[i] = (sel[j], top[j])
+    return out
 
+# %% ../nbs/18_sentibench.ipynb #1ead8e8c
+@patch
+def generate(self: HFBackend, prompts: Sequence[str], max_new_tokens: int,
+             done: Callable[[str, str], bool] | None = None) -> list[str]:
+    "Greedy continuations; a sequence stops at EOS, at `max_new_tokens`, or once `done(prompt, text)`."
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    tok, out = self.tokenizer, [None] * len(prompts)
+
+    class Done(StoppingCriteria):
+        def __init__(self, rows, start): self.rows, self.start = rows, start
+        def __call__(self, input_ids, scores, **kw):
+            texts = tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+            return torch.tensor([done(prompts[i], t) for i, t in zip(self.rows, texts)], device=input_ids.device)
+
+    for pos, x, mask in self._batches(prompts):
+        crit = StoppingCriteriaList([Done(pos, x.shape[1])]) if done else None
+        with torch.no_grad():
+            gen = self.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      stopping_criteria=crit, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(gen[:, x.shape[1]:], skip_special_tokens=True)
+        for j, i in enumerate(pos):
+            out[i] = texts[j]
+    return out
+
+# %% ../nbs/18_sentibench.ipynb #b83004c4
 class LlamaCppBackend:
     "llama.cpp on a GGUF file: last-position logits and greedy generation, one prompt at a time, prefix KV reuse."
     name = "llamacpp"
@@ -661,104 +676,126 @@ class LlamaCppBackend:
             raise CompeffdistError(f"a prompt of {n} tokens does not fit the context of {self.llm.n_ctx()} tokens: "
                                    "raise the model's context_length or cut texts with --max-chars")
 
-    def next_token_scores(self, prompts, token_ids):
-        import numpy as np
-        out = []
-        for p in prompts:
-            toks = self._tokens(p)
-            self._check_fits(len(toks))
-            llm, keep = self.llm, 0
-            for a, b in zip(llm.input_ids[:llm.n_tokens], toks[:-1]):  # reuse the cached common prefix
-                if a != b: break
-                keep += 1
-            llm.n_tokens = keep
-            llm.eval(toks[keep:])
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-            out.append(([float(logits[i]) for i in token_ids], int(logits.argmax())))
-        return out
-
-    def generate(self, prompts, max_new_tokens, done=None):
-        out = []
-        for p in prompts:
-            toks = self._tokens(p)
-            self._check_fits(len(toks) + max_new_tokens)
-            text = ""
-            for chunk in self.llm.create_completion(toks, max_tokens=max_new_tokens, temperature=0.0, top_k=1,
-                                                    repeat_penalty=1.0, stream=True):
-                text += chunk["choices"][0]["text"]
-                if done and done(p, text): break
-            out.append(text)
-        return out
-
     def close(self):
         self.llm.close()
+
+# %% ../nbs/18_sentibench.ipynb #95d8aaf8
+@patch
+def next_token_scores(self: LlamaCppBackend, prompts, token_ids):
+    "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
+    import numpy as np
+    out = []
+    for p in prompts:
+        toks = self._tokens(p)
+        self._check_fits(len(toks))
+        llm, keep = self.llm, 0
+        for a, b in zip(llm.input_ids[:llm.n_tokens], toks[:-1]):  # reuse the cached common prefix
+            if a != b: break
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(toks[keep:])
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+        out.append(([float(logits[i]) for i in token_ids], int(logits.argmax())))
+    return out
+
+
+@patch
+def generate(self: LlamaCppBackend, prompts, max_new_tokens, done=None):
+    "Greedy continuations, streamed so that `done(prompt, text)` can stop each one early."
+    out = []
+    for p in prompts:
+        toks = self._tokens(p)
+        self._check_fits(len(toks) + max_new_tokens)
+        text = ""
+        for chunk in self.llm.create_completion(toks, max_tokens=max_new_tokens, temperature=0.0, top_k=1,
+                                                repeat_penalty=1.0, stream=True):
+            text += chunk["choices"][0]["text"]
+            if done and done(p, text): break
+        out.append(text)
+    return out
+
+# %% ../nbs/18_sentibench.ipynb #09887254
+_ENGINE_ONLY = ("load_gguf", "chunk_size", "chat_template_kwargs")  # VLLMEngine options that are not vllm.LLM's
 
 
 class VLLMBackend(_HFTokens):
     """vLLM (GPU, tensor parallelism): first-step scores and greedy generation from one `vllm.LLM`, nothing loaded
-    twice, so a 70B teacher evaluates on the GPUs it generates on. (Needs the 'vllm' extra.)
-
-    Classification asks vLLM for one greedy token restricted to the verbalizer (`allowed_token_ids`), with the raw
-    logits of the top-20 tokens and of the chosen one (`logprobs_mode="raw_logits"`). The generation config's
-    repetition penalty, if any, is applied to those logits as `HFBackend` does; a verbalizer token outside the
-    top 20 scores -inf. The chosen token is the exact argmax over the verbalizer, so the prediction equals
-    `HFBackend`'s; the raw top-1 gives the `top1_in_verbalizer` diagnostic."""
+    twice, so a 70B teacher evaluates on the GPUs it generates on. (Needs the 'vllm' extra.)"""
     name = "vllm"
     TOP_K = 20  # vLLM's default max_logprobs
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, context_length: int = 8192,
-                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, **kw):
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, revision: str | None = None,
+                 tokenizer: str | None = None, load_gguf: bool = False, **kw):
+        from compeffdist.engines import text_only_kwargs
         from compeffdist.models import hf_model_path, resolve_model
         try:
             import vllm
         except ImportError:
             raise CompeffdistError("the vllm engine needs the 'vllm' extra: pip install 'compeffdist[vllm]'") from None
-        self.ref = resolve_model(model)
-        location = hf_model_path(self.ref) if self.ref.kind == "gguf" else self.ref.location
+        self.ref = resolve_model(model, revision)
+        location = self.ref.location
+        if self.ref.kind == "gguf" and load_gguf:
+            tokenizer = tokenizer or self.ref.hub_id
+        elif self.ref.kind == "gguf":
+            location = hf_model_path(self.ref)
+        kw = {**text_only_kwargs(location, revision), **{k: v for k, v in kw.items() if k not in _ENGINE_ONLY}}
         self._vllm, self.batch_size = vllm, batch_size
-        self.llm = vllm.LLM(model=location, dtype=dtype, max_model_len=context_length, logprobs_mode="raw_logits",
+        self.llm = vllm.LLM(model=location, tokenizer=tokenizer, revision=revision, dtype=dtype,
+                            max_model_len=context_length, logprobs_mode="raw_logits",
                             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                             **kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.penalty = getattr(self.llm.get_default_sampling_params(), "repetition_penalty", None) or 1.0
 
-    def next_token_scores(self, prompts, token_ids):
-        "For each prompt: the (penalised) logits of `token_ids` as the next token, and the overall top-1 token id."
-        ids = list(token_ids)
-        sp = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(set(ids)),
-                                       logprobs=self.TOP_K, repetition_penalty=self.penalty)
-        out = []
-        for o in self.llm.generate(list(prompts), sp, use_tqdm=False):
-            got = o.outputs[0].logprobs[0]  # token id -> Logprob(logit here, rank among the raw logits)
-            seen = set(o.prompt_token_ids)
-            def score(t):
-                if t not in got: return float("-inf")
-                x = got[t].logprob
-                return (x / self.penalty if x > 0 else x * self.penalty) if t in seen and self.penalty != 1.0 else x
-            out.append(([score(t) for t in ids], min(got, key=lambda t: got[t].rank)))
-        return out
-
-    def generate(self, prompts, max_new_tokens, done=None):
-        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                           repetition_penalty=self.penalty)
-        return [o.outputs[0].text for o in self.llm.generate(list(prompts), params, use_tqdm=False)]
-
     def close(self):
-        del self.llm
-        import gc; gc.collect()
+        "Shut vLLM's engine down (its worker processes and their GPU memory), then release what this process holds."
+        from compeffdist.training import release_memory
+        llm, self.llm = self.llm, None
+        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+        release_memory()
+
+# %% ../nbs/18_sentibench.ipynb #8015ede0
+@patch
+def next_token_scores(self: VLLMBackend, prompts, token_ids):
+    "For each prompt: the (penalised) logits of `token_ids` as the next token, and the overall top-1 token id."
+    ids = list(token_ids)
+    sp = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(set(ids)),
+                                   logprobs=self.TOP_K, repetition_penalty=self.penalty)
+    out = []
+    for o in self.llm.generate(list(prompts), sp, use_tqdm=False):
+        got = o.outputs[0].logprobs[0]  # token id -> Logprob(logit here, rank among the raw logits)
+        seen = set(o.prompt_token_ids)
+        def score(t):
+            if t not in got: return float("-inf")
+            x = got[t].logprob
+            return (x / self.penalty if x > 0 else x * self.penalty) if t in seen and self.penalty != 1.0 else x
+        out.append(([score(t) for t in ids], min(got, key=lambda t: got[t].rank)))
+    return out
 
 
+@patch
+def generate(self: VLLMBackend, prompts, max_new_tokens, done=None):
+    "Greedy continuations of all prompts in one vLLM call."
+    params = self._vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=self.penalty)
+    return [o.outputs[0].text for o in self.llm.generate(list(prompts), params, use_tqdm=False)]
+
+# %% ../nbs/18_sentibench.ipynb #5b45850e
 def open_backend(mc: ModelConfig, batch_size: int | None = None):
     "The evaluation backend of a model config (`hf`, `llamacpp` or `vllm`)."
     bs = batch_size or mc.batch_size
     if mc.engine == "hf":
-        return HFBackend(mc.model, dtype=mc.dtype, device=mc.device, batch_size=bs)
+        return HFBackend(mc.model, dtype=mc.dtype, device=mc.device, batch_size=bs, revision=mc.revision)
     if mc.engine == "llamacpp":
         return LlamaCppBackend(mc.model, context_length=max(mc.context_length, 8192), n_threads=mc.n_threads)
     if mc.engine == "vllm":
         return VLLMBackend(mc.model, dtype=mc.dtype, batch_size=bs, context_length=max(mc.context_length, 8192),
                            gpu_memory_utilization=mc.gpu_memory_utilization,
-                           tensor_parallel_size=mc.tensor_parallel_size)
+                           tensor_parallel_size=mc.tensor_parallel_size, revision=mc.revision,
+                           tokenizer=mc.tokenizer, **mc.options)
     raise CompeffdistError(f"SentiBench scoring needs next-token logits: engine '{mc.engine}' cannot give them; "
                            "evaluate with engine hf, llamacpp or vllm")
 
@@ -784,21 +821,44 @@ def resolve_datasets(datasets: str | Sequence[str] = "all") -> list[str]:
     return [sentibench_dataset(n.strip()).name for n in names if n.strip()]
 
 
+def datasets_with_split(names: Sequence[str], split: str = "test", root: str | os.PathLike | None = None,
+                        explicit: bool = True, log: Callable[[str], None] | None = print) -> list[str]:
+    "The datasets of `names` that have `split`; one missing is an error when named `explicit`ly, else skipped (logged)."
+    root = sentibench_root(root)
+    missing = [n for n in names if not (root / n / f"{split}.json").is_file()]
+    if missing and explicit:
+        raise CompeffdistError(f"no {split} split in SentiBench for {', '.join(missing)}")
+    if missing and log:
+        log(f"skipped (no {split} split): {', '.join(missing)}")
+    return [n for n in names if n not in missing]
+
+
 def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
-def prediction_key(backend, prompt: str) -> str:
-    "The key of one raw prediction: the model's identity and the exact prompt (decoding is greedy: same key, same answer)."
-    return stable_hash([backend.ref.identity, prompt])
+def result_path(out_dir: str | os.PathLike, name: str, split: str = "test") -> Path:
+    "The results JSON of model `name`: `<name>.json` on test, `<name>.<split>.json` on another split."
+    return Path(out_dir) / (f"{name}.json" if split == "test" else f"{name}.{split}.json")
 
 
+def prediction_path(out_dir: str | os.PathLike, name: str, dataset: str, seed: int, split: str = "test") -> Path:
+    "The raw predictions of model `name` on one dataset and seed (the split in the name unless it is test)."
+    tag = "" if split == "test" else f".{split}"
+    return Path(out_dir) / "predictions" / name / f"{_slug(dataset)}{tag}.seed{seed}.jsonl"
+
+
+def prediction_key(backend, prompt: str, split: str = "test") -> str:
+    "The key of one raw prediction: model identity, split and exact prompt (decoding is greedy: same key, same answer)."
+    return stable_hash([backend.ref.identity, split, prompt])
+
+# %% ../nbs/18_sentibench.ipynb #6874aff2
 def predict(backend, name: str, examples: Sequence[Example], shots: int = 4, fixed: bool = False,
-            known: dict | None = None) -> tuple[list, dict]:
+            known: dict | None = None, split: str = "test") -> tuple[list, dict]:
     """Raw predictions of a backend on a dataset's examples (labels or continuations), each with its `key`, and
     diagnostics. Rows in `known` (key -> row, from an earlier evaluation of the same model) are reused, not rerun."""
     ds, known = sentibench_dataset(name), known or {}
-    keys = [prediction_key(backend, e.prompt) for e in examples]
+    keys = [prediction_key(backend, e.prompt, split) for e in examples]
     todo = [i for i, k in enumerate(keys) if k not in known]
     prompts = [examples[i].prompt for i in todo]
     if ds.family == "FSA":
@@ -827,7 +887,7 @@ def _known_predictions(path: Path) -> dict:
     except CompeffdistError:
         return {}
 
-
+# %% ../nbs/18_sentibench.ipynb #31b2fa98
 def _mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -847,26 +907,23 @@ def _summarise(res: dict) -> None:
 def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str | Sequence[str] = "all",
                    shots: int = 4, seeds: Sequence[int] = (42, 52, 62), limit: int | None = None,
                    max_chars: int | None = None, fixed: bool = False, root: str | os.PathLike | None = None,
-                   log: Callable[[str], None] | None = print) -> dict:
-    "Evaluate one model on SentiBench; write `<out_dir>/<name>.json` and the raw predictions; return the results."
+                   log: Callable[[str], None] | None = print, split: str = "test") -> dict:
+    "Evaluate one model on a SentiBench split; write its results JSON and raw predictions; return the results."
     names, root = resolve_datasets(datasets), sentibench_root(root)
-    out_dir = Path(out_dir)
-    protocol = {"shots": shots, "seeds": list(seeds), "limit": limit, "max_chars": max_chars, "fixed": fixed}
-    path = out_dir / f"{name}.json"
+    protocol = {"split": split, "shots": shots, "seeds": list(seeds), "limit": limit, "max_chars": max_chars,
+                "fixed": fixed}
+    path = result_path(out_dir, name, split)
     res = read_json(path) if path.is_file() else None
     if not res or res.get("identity") != backend.ref.identity or res.get("protocol") != protocol:
         res = {"name": name, "model": backend.ref.spec, "identity": backend.ref.identity, "engine": backend.name,
                "protocol": protocol, "datasets": {}, "seconds": 0.0}
     for ds_name in names:
-        ds = SENTIBENCH[ds_name]
-        entry = res["datasets"].setdefault(ds_name, {"family": ds.family, "seeds": {}})
-        for seed in seeds:
-            if str(seed) in entry["seeds"]:
-                continue
+        entry = res["datasets"].setdefault(ds_name, {"family": SENTIBENCH[ds_name].family, "seeds": {}})
+        for seed in (s for s in seeds if str(s) not in entry["seeds"]):
             t0 = time.perf_counter()
-            examples = build_examples(ds_name, shots, seed, limit, max_chars, fixed, root)
-            pred_path = out_dir / "predictions" / name / f"{_slug(ds_name)}.seed{seed}.jsonl"
-            preds, diag = predict(backend, ds_name, examples, shots, fixed, _known_predictions(pred_path))
+            examples = build_examples(ds_name, shots, seed, limit, max_chars, fixed, root, split)
+            pred_path = prediction_path(out_dir, name, ds_name, seed, split)
+            preds, diag = predict(backend, ds_name, examples, shots, fixed, _known_predictions(pred_path), split)
             write_jsonl(pred_path, preds)
             m = score_predictions(ds_name, examples, [p["prediction"] for p in preds], shots, fixed)
             m.update(diag, n=len(examples), seconds=round(time.perf_counter() - t0, 2))
@@ -877,21 +934,21 @@ def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str
             write_json(path, res)
             if log:
                 reused = f", {m['reused']} reused" if m["reused"] else ""
-                log(f"{name}: {ds_name} seed {seed}: {m['metric']} {100 * m['f1']:.1f} "
+                log(f"{name}: {ds_name} {split} seed {seed}: {m['metric']} {100 * m['f1']:.1f} "
                     f"({len(examples)} examples{reused}, {m['seconds']:.0f}s)")
     return res
 
-# %% ../nbs/18_sentibench.ipynb #6874aff2
+# %% ../nbs/18_sentibench.ipynb #b062871b
 ROLE_ORDER = ("base_student", "student", "teacher")
 
 
-def load_results(out_dir: str | os.PathLike) -> list[dict]:
-    "The results JSONs of a folder (files with `datasets` and `protocol`), roles first."
+def load_results(out_dir: str | os.PathLike, split: str = "test") -> list[dict]:
+    "The results JSONs of a folder on `split` (files with `datasets` and `protocol`), roles first."
     out = []
     for p in sorted(Path(out_dir).glob("*.json")):
         try: r = read_json(p)
         except CompeffdistError: continue
-        if isinstance(r, dict) and "datasets" in r and "protocol" in r:
+        if isinstance(r, dict) and "datasets" in r and "protocol" in r and r["protocol"].get("split", "test") == split:
             out.append(r)
     rank = {n: i for i, n in enumerate(ROLE_ORDER)}
     return sorted(out, key=lambda r: (rank.get(r["name"], len(rank)), r["name"]))
@@ -906,7 +963,9 @@ def results_table(results: Sequence[dict]) -> str:
         cells = [f"{r['datasets'][n]['score']:.1f}" if n in r["datasets"] else "–" for n in names]
         rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['mean']:.1f} |")
     p = results[0]["protocol"] if results else {}
-    note = (f"\n\n{p.get('shots')}-shot, seeds {p.get('seeds')}, " + (f"first {p['limit']} test examples, " if p.get("limit") else "")
+    split = {"test": "test", "val": "validation"}.get(p.get("split", "test"), p.get("split"))
+    note = (f"\n\n{split} split, {p.get('shots')}-shot, seeds {p.get('seeds')}, "
+            + (f"first {p['limit']} {split} examples, " if p.get("limit") else "")
             + (f"texts cut to {p['max_chars']} chars, " if p.get("max_chars") else "")
             + ("fixed quirks" if p.get("fixed") else "reference protocol")) if results else ""
     return "\n".join(rows) + note + "\n"
@@ -930,13 +989,14 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
-def write_report(out_dir: str | os.PathLike) -> list[dict]:
-    "Write `table.md` and `scores.png` for all results in `out_dir`; return the results."
-    results = load_results(out_dir)
+def write_report(out_dir: str | os.PathLike, split: str = "test") -> list[dict]:
+    "Write `table.md` and `scores.png` (`table.val.md`, ... on val) for the results of `split` in `out_dir`."
+    results = load_results(out_dir, split)
+    tag = "" if split == "test" else f".{split}"
     if results:
-        with atomic_write(Path(out_dir) / "table.md") as f:
+        with atomic_write(Path(out_dir) / f"table{tag}.md") as f:
             f.write(results_table(results))
-        plot_scores(results, Path(out_dir) / "scores.png")
+        plot_scores(results, Path(out_dir) / f"scores{tag}.png")
     return results
 
 # %% ../nbs/18_sentibench.ipynb #0a37c6e6
@@ -953,27 +1013,34 @@ def evaluation_models(ctx) -> dict[str, ModelConfig]:
             if not (path / "config.json").is_file():
                 raise CompeffdistError(f"evaluating 'student' needs the distilled model in {path}: run the training stage first")
             engine = cfg.student.engine if cfg.student.engine in ("hf", "vllm") else "hf"
-            out[role] = cfg.student.model_copy(update={"model": str(path), "engine": engine})
+            out[role] = cfg.student.model_copy(update={"model": str(path), "engine": engine, "revision": None})
     return out
 
 
 def run_evaluation(ctx) -> StageStats:
     "Stage `evaluation`: SentiBench scores of the base student, the distilled student and the teacher."
+    from compeffdist.training import release_memory
     ec, stats = ctx.cfg.evaluation, StageStats()
-    out_dir = ctx.store.path("evaluation")
-    root = ctx.sentibench
-    names = resolve_datasets(ec.datasets)
-    for role, mc in evaluation_models(ctx).items():
-        backend = open_backend(mc, ec.batch_size)
+    split = getattr(ec, "split", "test")
+    out_dir, root = ctx.store.path("evaluation"), ctx.sentibench
+    names = datasets_with_split(resolve_datasets(ec.datasets), split, root, explicit=ec.datasets != "all",
+                                log=print if ctx.progress else None)
+    batch_size = ec.batch_size if "batch_size" in ec.model_fields_set else None  # else each model's own
+    models = sorted(evaluation_models(ctx).items(), key=lambda rm: rm[1].engine == "vllm")  # vLLM last
+    release_memory()  # what the earlier stages of this process left in the CUDA cache
+    for role, mc in models:
+        backend = open_backend(mc, batch_size)
         try:
             res = evaluate_model(backend, role, out_dir, names, ec.shots, ec.seeds, ec.limit, ec.max_chars, ec.fixed,
-                                 root, log=print if ctx.progress else None)
+                                 root, log=print if ctx.progress else None, split=split)
         finally:
             backend.close()
+            del backend
+            release_memory()
         stats.add("models"); stats.info[f"{role}_mean"] = round(res["mean"], 2)
         stats.info[f"{role}_seconds"] = res["seconds"]
     stats.add("datasets", len(names))
-    write_report(out_dir)
+    write_report(out_dir, split)
     return stats
 
 # %% ../nbs/18_sentibench.ipynb #16442ae4
@@ -991,39 +1058,39 @@ def _score_cli(argv) -> int:
     ap.add_argument("--predictions", required=True, help='JSONL, one {"prediction": ...} per test example in file order')
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42, help="seed of the run (FSA prompts are rebuilt with it)")
-    ap.add_argument("--limit", type=int, help="the predictions cover the first N test examples")
+    ap.add_argument("--split", default="test", choices=SPLITS, help="the split the predictions are of")
+    ap.add_argument("--limit", type=int, help="the predictions cover the first N examples of the split")
     ap.add_argument("--max-chars", type=int)
     ap.add_argument("--fixed", action="store_true", help="correct the reference quirks")
     ap.add_argument("--sentibench", help="SentiBench folder (default: $COMPEFFDIST_SENTIBENCH)")
     a = ap.parse_args(argv)
     ds = sentibench_dataset(a.dataset)
-    examples = build_examples(ds.name, a.shots, a.seed, a.limit, a.max_chars, a.fixed, sentibench_root(a.sentibench))
+    examples = build_examples(ds.name, a.shots, a.seed, a.limit, a.max_chars, a.fixed, sentibench_root(a.sentibench),
+                              a.split)
     rows = read_jsonl(a.predictions)
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get("prediction"), str):
             raise CompeffdistError(f'{a.predictions}: record {i} is not {{"prediction": "<text>"}}')
     if len(rows) != len(examples):
-        raise CompeffdistError(f"{a.predictions}: {len(rows)} predictions, but {ds.name} has {len(examples)} test "
-                               f"examples{' (with --limit)' if a.limit is not None else ''}: one line per test example")
+        raise CompeffdistError(f"{a.predictions}: {len(rows)} predictions, but {ds.name} has {len(examples)} {a.split} "
+                               f"examples{' (with --limit)' if a.limit is not None else ''}: one line per example")
     m = score_predictions(ds.name, examples, [r["prediction"] for r in rows], a.shots, a.fixed)
     print(json.dumps({"dataset": ds.name, "score": round(100 * m["f1"], 4), **m}, ensure_ascii=False))
     return 0
 
 
-def eval_cli(argv: list[str] | None = None) -> int:
-    "compeffdist eval: evaluate a model on SentiBench (reference protocol), or score a predictions file."
+def _eval_parser():
     import argparse
-    argv = list(argv or [])
-    if argv[:1] == ["score"]:
-        return _score_cli(argv[1:])
     ap = argparse.ArgumentParser(prog="compeffdist eval", description="SentiBench evaluation (reference protocol). "
                                  "'compeffdist eval score --help' scores a predictions file.")
     ap.add_argument("--model", required=True, help="model spec: alias, .gguf file, folder or hub id")
     ap.add_argument("--engine", default="hf", choices=["hf", "llamacpp", "vllm"])
     ap.add_argument("--datasets", default="all", help="'all' or comma-separated names (sc/sst2,absa/opener or sst2,opener)")
+    ap.add_argument("--split", default="test", choices=SPLITS,
+                    help="test, or val: the validation splits (demonstrations still from train)")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seeds", default="42,52,62")
-    ap.add_argument("--limit", type=int, help="first N test examples per dataset")
+    ap.add_argument("--limit", type=int, help="first N examples of the split per dataset")
     ap.add_argument("--max-chars", type=int, help="cut BSA/MSA texts (test and demonstrations) to N characters")
     ap.add_argument("--fixed", action="store_true", help="correct the reference quirks (see the notebook)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -1034,10 +1101,19 @@ def eval_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="name of the results (default: the model's name)")
     ap.add_argument("--sentibench", help="SentiBench folder (default: $COMPEFFDIST_SENTIBENCH)")
     ap.add_argument("--out", required=True, help="output folder")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def eval_cli(argv: list[str] | None = None) -> int:
+    "compeffdist eval: evaluate a model on SentiBench (reference protocol), or score a predictions file."
+    argv = list(argv or [])
+    if argv[:1] == ["score"]:
+        return _score_cli(argv[1:])
+    a = _eval_parser().parse_args(argv)
     if a.shots < 0 or (a.limit is not None and a.limit < 1) or (a.max_chars is not None and a.max_chars < 1):
         raise CompeffdistError("--shots must be >= 0, --limit and --max-chars >= 1")
-    seeds, names, root = _int_list(a.seeds), resolve_datasets(a.datasets), sentibench_root(a.sentibench)
+    seeds, root = _int_list(a.seeds), sentibench_root(a.sentibench)
+    names = datasets_with_split(resolve_datasets(a.datasets), a.split, root, explicit=a.datasets != "all")
     if not seeds:
         raise CompeffdistError("--seeds: give at least one seed")
     from compeffdist.models import resolve_model
@@ -1049,9 +1125,11 @@ def eval_cli(argv: list[str] | None = None) -> int:
     backend = open_backend(mc)
     print(f"loaded {a.model} ({backend.name}) in {time.perf_counter() - t0:.1f}s")
     try:
-        res = evaluate_model(backend, name, a.out, names, a.shots, seeds, a.limit, a.max_chars, a.fixed, root)
+        res = evaluate_model(backend, name, a.out, names, a.shots, seeds, a.limit, a.max_chars, a.fixed, root,
+                             split=a.split)
     finally:
         backend.close()
-    write_report(a.out)
-    print(f"{name}: mean {res['mean']:.1f} over {len(res['datasets'])} datasets -> {Path(a.out) / (name + '.json')}")
+    write_report(a.out, a.split)
+    print(f"{name}: mean {res['mean']:.1f} over {len(res['datasets'])} {a.split} datasets -> "
+          f"{result_path(a.out, name, a.split)}")
     return 0

@@ -20,7 +20,8 @@ def _eval(out, datasets, limit, extra=()):
 def _check_run(out, datasets, limit, capsys):
     res = json.loads((out / "smollm2-135m-instruct.json").read_text())
     assert set(res["datasets"]) == set(datasets)
-    assert res["protocol"] == {"shots": 4, "seeds": [42], "limit": limit, "max_chars": 600, "fixed": False}
+    assert res["protocol"] == {"split": "test", "shots": 4, "seeds": [42], "limit": limit, "max_chars": 600,
+                               "fixed": False}
     for name, entry in res["datasets"].items():
         m = entry["seeds"]["42"]
         assert m["n"] == limit and 0 <= m["f1"] <= 1
@@ -181,3 +182,46 @@ def test_a_larger_limit_runs_only_the_new_examples(sentibench_root, tmp_path, ca
         now, new = pred(grown, d), pred(fresh, d)
         assert now[:2] == rows and [r["key"] for r in now] == [r["key"] for r in new]
     assert [r["prediction"] for r in pred(grown, "sc_sst2")] == [r["prediction"] for r in pred(fresh, "sc_sst2")]
+
+
+def test_the_split_is_part_of_the_prediction_key():
+    from compeffdist.sentibench import Example, predict
+    ex = [Example(0, "the same prompt", "s", "positive", {})]
+    test, _ = predict(_CountingBackend(), "sc/sst2", ex)
+    model = _CountingBackend()
+    val, diag = predict(model, "sc/sst2", ex, known={r["key"]: r for r in test}, split="val")
+    assert val[0]["key"] != test[0]["key"] and model.asked == ["the same prompt"] and diag["reused"] == 0
+
+
+@pytest.mark.sentibench
+def test_eval_on_the_validation_split(sentibench_root, tmp_path, capsys):
+    "--split val: the same protocol on val.json (demonstrations from train), in files of its own next to test's."
+    name = "smollm2-135m-instruct"
+    assert _eval(tmp_path, "sc/sst2,absa/opener", 2, ["--split", "val"]) == 0
+    assert not (tmp_path / f"{name}.json").exists() and not (tmp_path / "table.md").exists()
+    val = json.loads((tmp_path / f"{name}.val.json").read_text())
+    assert val["protocol"]["split"] == "val" and set(val["datasets"]) == {"sc/sst2", "absa/opener"}
+    assert "validation split" in (tmp_path / "table.val.md").read_text()
+    from compeffdist.sentibench import build_examples
+    for d, slug in (("sc/sst2", "sc_sst2"), ("absa/opener", "absa_opener")):
+        pred = tmp_path / "predictions" / name / f"{slug}.val.seed42.jsonl"
+        assert len(pred.read_text().splitlines()) == 2
+        capsys.readouterr()
+        assert main(["eval", "score", "--dataset", d, "--split", "val", "--predictions", str(pred), "--limit", "2",
+                     "--max-chars", "600"]) == 0
+        assert json.loads(capsys.readouterr().out)["f1"] == pytest.approx(val["datasets"][d]["seeds"]["42"]["f1"])
+    sentences = {e.sentence for e in build_examples("sc/sst2", limit=2, split="val")}
+    assert sentences.isdisjoint(e.sentence for e in build_examples("sc/sst2", limit=50))  # val examples, not test
+    before = (tmp_path / f"{name}.val.json").read_text()
+    assert _eval(tmp_path, "sc/sst2", 2) == 0  # the test split into the same folder: kept apart
+    test = json.loads((tmp_path / f"{name}.json").read_text())
+    assert test["protocol"]["split"] == "test" and (tmp_path / f"{name}.val.json").read_text() == before
+    assert (tmp_path / "predictions" / name / "sc_sst2.seed42.jsonl").is_file()
+    assert "test split" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.sentibench
+def test_a_dataset_without_a_validation_split(sentibench_root, tmp_path, capsys):
+    rc, err = _error(capsys, ["eval", "--model", "smollm2-135m-instruct", "--datasets", "sst2,atsa_rest16",
+                              "--split", "val", "--out", str(tmp_path)])
+    assert rc == 2 and len(err) == 1 and "no val split in SentiBench for absa/atsa_rest16" in err[0]

@@ -36,3 +36,18 @@ def test_sentibench_backend_agrees_with_transformers(sentibench_root):
         assert conts == hb.generate([examples[0].prompt], 8)  # greedy continuations agree too
     finally:
         vb.close(); hb.close()
+
+
+@needs_vllm
+def test_backend_settings_reach_vllm_and_close_shuts_it_down():
+    "The model's options reach vllm.LLM (engine-only ones are dropped); close() shuts the engine down at once."
+    from compeffdist.sentibench import VLLMBackend
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    vb = VLLMBackend("smollm2-135m-instruct", dtype="float32", context_length=2048, gpu_memory_utilization=0.2,
+                     enforce_eager=True, max_num_seqs=5, chunk_size=7, load_gguf=False)
+    engine = vb.llm.llm_engine
+    assert engine.vllm_config.scheduler_config.max_num_seqs == 5 and engine.vllm_config.model_config.enforce_eager
+    assert engine.vllm_config.model_config.max_model_len == 2048
+    assert vb.generate(["Sentence: great\nLabel:"], 2)[0]  # it answers
+    vb.close()
+    assert vb.llm is None and not engine.engine_core._finalizer.alive  # shut down now, not at garbage collection
