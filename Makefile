@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# llama.cpp (llama-cpp-python and llama-server) with the portable x86-64 kernels, not the ones of the build machine:
+# the same teacher answers on every machine, and no illegal instruction where a VM reports AMX it does not enable.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export system-deps
 
@@ -15,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
+	$(BIN)/pip install -q --no-cache-dir -c constraints.txt llama-cpp-python  # compiled here, with CMAKE_ARGS
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,llamacpp]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt xgrammar apache-tvm-ffi  # hf JSON grammars, without triton (CPU)
+	$(BIN)/compeffdist llama-server build  # llama.cpp's server from the pinned source: the llamacpp engine's parallel decoding
 	@touch $@
 
 install: $(STAMP)

@@ -1,111 +1,126 @@
-"""Tokens/s of the engines on the same prompts and the same GGUF model, measured in one run.
+"""Teacher throughput on a CPU: the in-process llama.cpp engine against llama.cpp's server with N slots, in one run.
 
-    python benchmarks/engines.py                        # SmolLM2-135M (the bundled student), 16 prompts
-    python benchmarks/engines.py --threads 1,2          # the whole table once per thread count
-    python benchmarks/engines.py --model qwen2.5-coder-1.5b-instruct --prompts 8 --max-new-tokens 48
+    python benchmarks/engines.py --samples runs/replication/pairing/samples.jsonl
+    python benchmarks/engines.py --samples S.jsonl --parallel 1,2,4,8 --prompts 32 --max-new-tokens 128
 
-Rows: `hf` one conversation at a time, `hf` batched (8 and 16 conversations per forward pass, left-padded) and
-`llamacpp` on the same GGUF file (transformers dequantises it to float32; llama.cpp runs it quantised). Greedy,
-the same `max_new_tokens` for all, one warm-up call per engine before timing. tokens/s = completion tokens /
-wall seconds of the whole batch (a batched row pays for the padding of sequences that ended early).
-Targets (issue 2): batched hf >= 3x one-by-one; llamacpp >= 2x hf. The script prints the ratios; it asserts nothing.
+The requests are real ones of the responses stage: the first `--prompts` student prompts of a run's
+`pairing/samples.jsonl` (instruction, demonstrations and text), each with the constraint the stage would give it
+(free text, a JSON schema or a label list), greedy, at most `--max-new-tokens` new tokens, no call cache.
+Rows: `in-process` is the single-stream `llamacpp` engine (llama-cpp-python, one request at a time); `server N`
+is the same model, threads and requests through `llamacpp` with `parallel: N` (llama.cpp's server, N slots,
+continuous batching). Each row is a separate process, started one after the other on an otherwise idle machine,
+so that its peak RSS (ru_maxrss of the process and its server) is its own. One short warm-up request per row
+before timing. tokens/s = completion tokens / wall seconds of the whole batch.
+Target: >= 2.5x the in-process engine's aggregate tokens/s at the best N, and greedy answers equal to the
+in-process ones (those that differ are counted, with the first token where they part). Prints; asserts nothing.
 """
 import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 
-import torch
+from compeffdist.core import read_jsonl
+from compeffdist.engines import LlamaCppEngine, SamplingParams
+from compeffdist.llama_server import LlamaServerEngine
+from compeffdist.responses import constraint_for
 
-from compeffdist.engines import HFEngine, LlamaCppEngine, SamplingParams
-
-REVIEWS = [
-    "The food was cold and the waiter ignored us for twenty minutes.",
-    "Absolutely loved the new album, every track is a gem.",
-    "The hotel room was fine, nothing special, but the location was great.",
-    "I regret buying this phone; the battery barely lasts half a day.",
-    "A touching film with a weak ending.",
-    "Customer support solved my problem in five minutes. Impressive!",
-    "The plot was predictable and the jokes fell flat.",
-    "Decent laptop for the price, though the screen is dim.",
-    "Worst airline experience of my life: lost luggage, no apology.",
-    "The museum's new wing is stunning and well curated.",
-    "Shipping took three weeks and the box arrived crushed.",
-    "Not bad, not great. It does what it says.",
-    "The soup was bland but the dessert made up for it.",
-    "I can't recommend this course enough; the teacher is brilliant.",
-    "The update broke my favourite feature. Please bring it back.",
-    "Cozy cafe, friendly staff, and the best croissants in town.",
-]
+MODEL = "qwen2.5-coder-1.5b-instruct"
 
 
-def prompts(n: int) -> list[list[dict]]:
-    texts = (REVIEWS * (n // len(REVIEWS) + 1))[:n]
-    return [[{"role": "user", "content": f"Explain the sentiment of this review in two sentences: {t}"}] for t in texts]
+def requests(path: str, n: int):
+    "The first n samples as (conversation, constraint) pairs, as the responses stage sends them."
+    rows = read_jsonl(path)[:n]
+    if len(rows) < n:
+        raise SystemExit(f"{path} has {len(rows)} samples, fewer than --prompts {n}")
+    return [[{"role": "user", "content": r["instruction"]}] for r in rows], [constraint_for(r.get("output_format")) for r in rows]
 
 
-def measure(engine, batch, params) -> dict:
+def one_row(a) -> dict:
+    "Measure one engine setting in this process (called in a child process by main)."
+    batch, cons = requests(a.samples, a.prompts)
     t0 = time.perf_counter()
-    out = engine.generate(batch, params)
+    eng = (LlamaCppEngine(a.model, context_length=a.context, n_threads=a.threads) if a.one == 0 else
+           LlamaServerEngine(a.model, parallel=a.one, context_length=a.context, n_threads=a.threads))
+    load = time.perf_counter() - t0
+    eng.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4))
+    t0 = time.perf_counter()
+    out = eng.generate(batch, SamplingParams(max_new_tokens=a.max_new_tokens), cons)
     secs = time.perf_counter() - t0
-    tokens = sum(g.completion_tokens for r in out for g in r)
-    return {"tokens": tokens, "seconds": secs, "tok_s": tokens / secs, "texts": [r[0].text for r in out]}
+    reused = getattr(eng, "cached_prompt_tokens", None)
+    eng.close()
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    tokens = sum(g[0].completion_tokens for g in out)
+    return {"parallel": a.one, "load_s": load, "seconds": secs, "tokens": tokens, "tok_s": tokens / secs,
+            "prompt_tokens": sum(g[0].prompt_tokens for g in out), "prompt_tokens_reused": reused,
+            "peak_rss_mib": rss / 1024, "texts": [g[0].text for g in out], "errors": sum(g[0].finish_reason == "error" for g in out)}
 
 
-def run(model: str, n: int, max_new: int, threads: int) -> list[dict]:
-    torch.set_num_threads(threads)
-    batch, params = prompts(n), SamplingParams(max_new_tokens=max_new)
-    warm = [[{"role": "user", "content": "Hi"}]]
-    rows = []
-    t0 = time.perf_counter()
-    hf = HFEngine(model, device="cpu", dtype="float32")
-    print(f"  hf loaded in {time.perf_counter() - t0:.1f}s", flush=True)
-    hf.generate(warm, SamplingParams(max_new_tokens=4))
-    for label, bs in [("hf one-by-one", 1), ("hf batched 8", 8), ("hf batched 16", 16)]:
-        hf.batch_size = bs
-        rows.append({"engine": label, "threads": threads, **measure(hf, batch, params)})
-        print(f"  {label:<15} {rows[-1]['tok_s']:7.1f} tok/s", flush=True)
-    hf.close()
-    t0 = time.perf_counter()
-    lc = LlamaCppEngine(model, context_length=1024, n_threads=threads)
-    print(f"  llamacpp loaded in {time.perf_counter() - t0:.1f}s", flush=True)
-    lc.generate(warm, SamplingParams(max_new_tokens=4))
-    rows.append({"engine": "llamacpp", "threads": threads, **measure(lc, batch, params)})
-    print(f"  {'llamacpp':<15} {rows[-1]['tok_s']:7.1f} tok/s", flush=True)
-    lc.close()
-    return rows
+def first_difference(a: str, b: str, vocab) -> str:
+    "Where two answers part: the token index and the next tokens of each."
+    ta, tb = (vocab.tokenize(x.encode(), add_bos=False, special=True) for x in (a, b))
+    k = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+    text = lambda ids: vocab.detokenize(ids).decode(errors="replace")
+    return f"token {k}: {text(ta[k:k + 4])!r} vs {text(tb[k:k + 4])!r}"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="a GGUF model spec (alias or .gguf file)")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", default=str(os.cpu_count()), help="comma-separated thread counts to run with")
-    ap.add_argument("--json", help="also write the rows (with the generated texts) to this file")
+    ap.add_argument("--samples", required=True, help="a run's pairing/samples.jsonl (real responses-stage prompts)")
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--parallel", default="1,2,4,8", help="server slot counts to measure")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--context", type=int, default=4096, help="context per sequence")
+    ap.add_argument("--json", help="also write the rows (with the texts) to this file")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one row, print it as JSON
     a = ap.parse_args()
-    print(f"{a.model}, {a.prompts} prompts, greedy, max_new_tokens={a.max_new_tokens}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; torch {torch.__version__}")
+    if a.one is not None:
+        print(json.dumps(one_row(a)))
+        return
+    print(f"{a.model}, {a.prompts} responses-stage prompts of {a.samples}, greedy, max_new_tokens={a.max_new_tokens}, "
+          f"{a.threads} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
-    for t in [int(x) for x in a.threads.split(",")]:
-        print(f"threads={t}")
-        rows += run(a.model, a.prompts, a.max_new_tokens, t)
+    for n in [0] + [int(x) for x in a.parallel.split(",")]:  # 0: the in-process engine
+        args = [sys.executable, __file__, "--samples", a.samples, "--model", a.model, "--prompts", str(a.prompts),
+                "--max-new-tokens", str(a.max_new_tokens), "--threads", str(a.threads), "--context", str(a.context),
+                "--one", str(n)]
+        out = subprocess.run(args, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"row parallel={n} failed:\n{out.stderr[-2000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["engine"] = "in-process" if n == 0 else f"server {n}"
+        rows.append(row)
+        print(f"  {row['engine']:<11} {row['tok_s']:6.1f} tok/s  ({row['tokens']} tokens in {row['seconds']:.1f}s, "
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB)", flush=True)
+    report(rows, a)
+
+
+def report(rows, a):
+    from llama_cpp import Llama
+    from compeffdist.models import resolve_model
+    vocab = Llama(resolve_model(a.model).location, vocab_only=True, verbose=False)
+    base = rows[0]
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
-    print(f"{'engine':<16}{'threads':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'x one-by-one':>14}")
-    for t in sorted({r["threads"] for r in rows}):
-        rs = {r["engine"]: r for r in rows if r["threads"] == t}
-        base = rs["hf one-by-one"]["tok_s"]
-        for r in rs.values():
-            print(f"{r['engine']:<16}{t:>8}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}{r['tok_s'] / base:>14.2f}")
-        best_hf = max(rs["hf batched 8"]["tok_s"], rs["hf batched 16"]["tok_s"])
-        batched = best_hf / base
-        lc_vs_best = rs["llamacpp"]["tok_s"] / best_hf
-        lc_vs_one = rs["llamacpp"]["tok_s"] / base
-        print(f"  threads={t}: batched hf / one-by-one = {batched:.2f} (target >= 3: {'met' if batched >= 3 else 'MISSED'}); "
-              f"llamacpp / best batched hf = {lc_vs_best:.2f}, llamacpp / hf one-by-one = {lc_vs_one:.2f} "
-              f"(target >= 2: {'met' if lc_vs_best >= 2 else 'MISSED'} against batched, "
-              f"{'met' if lc_vs_one >= 2 else 'MISSED'} against one-by-one)\n")
+    print(f"{'engine':<12}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'x in-process':>14}{'peak RSS MiB':>14}"
+          f"{'prompt tok reused':>19}{'differ':>8}")
+    for r in rows:
+        differ = [i for i, (x, y) in enumerate(zip(r["texts"], base["texts"])) if x != y]
+        r["differ"] = differ
+        reused = "-" if r["prompt_tokens_reused"] is None else f"{r['prompt_tokens_reused']}/{r['prompt_tokens']}"
+        print(f"{r['engine']:<12}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}{r['tok_s'] / base['tok_s']:>14.2f}"
+              f"{r['peak_rss_mib']:>14.0f}{reused:>19}{len(differ):>8}")
+    best = max(rows[1:], key=lambda r: r["tok_s"])
+    ratio = best["tok_s"] / base["tok_s"]
+    print(f"\nbest: {best['engine']} at {ratio:.2f}x the in-process engine (target >= 2.5: {'met' if ratio >= 2.5 else 'MISSED'})")
+    for r in rows[1:]:
+        for i in r["differ"][:3]:
+            print(f"  {r['engine']}: answer {i} differs from in-process at {first_difference(r['texts'][i], base['texts'][i], vocab)}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -19,6 +19,7 @@ COMMANDS = {  # name: (module, function, one-line help)
     "run": ("compeffdist.pipeline", "run_cli", "run the COMPEFFDIST pipeline from a config (resumable)"),
     "demo": ("compeffdist.pipeline", "demo_cli", "run the embedded offline demo (configs/demo.yaml)"),
     "generate": ("compeffdist.engines", "generate_cli", "generate with any model and engine, print tokens/s"),
+    "llama-server": ("compeffdist.llama_server", "llama_server_cli", "build or locate llama.cpp's server (parallel decoding)"),
     "models": ("compeffdist.models", "models_cli", "list bundled model aliases, or prepare one"),
     "sentibench": ("compeffdist.data", "sentibench_cli", "SentiBench: download the data, show statistics"),
     "score": ("compeffdist.difficulty", "score_cli", "difficulty scores (rank, ppl, ifd, length) of a JSONL corpus"),

@@ -66,6 +66,8 @@ class ModelConfig(Section):
     batch_size: int = Field(8, ge=1)  # hf: sequences per forward pass
     context_length: int = Field(4096, ge=128)  # llamacpp n_ctx, vllm max_model_len
     n_threads: int | None = None  # llamacpp
+    parallel: int = Field(1, ge=1)  # llamacpp: sequences decoded together (>1: llama.cpp's server with N slots)
+    chat_template_kwargs: dict[str, Any] | None = None  # hf/llamacpp server/openai/vllm: chat-template variables
     base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
     served_model_name: str | None = None  # openai: the model name the server expects
@@ -116,6 +118,7 @@ class RunConfig(Section):
     out: str = "runs/run"
     seed: int = 42
     cache: str | None = None  # SQLite call cache; default <out>/calls.sqlite
+    calls_jsonl: str | None = None  # a text copy of the call cache: imported at start, rewritten after each stage
 
 # %% ../nbs/00_core.ipynb #99c8dd50
 class AttributesConfig(Section):
@@ -178,7 +181,9 @@ class ResponsesConfig(Section):
 
 
 class TrainingConfig(Section):
-    "17_training: TRL SFTTrainer. Defaults are the paper's recipe (METHOD.md §3)."
+    """17_training: TRL SFTTrainer. Defaults are the authors' recipe: full fine-tuning, 4 epochs, AdamW at 5e-5
+    with weight decay 0.1 and betas (0.9, 0.999), a cosine schedule without warm-up, clipping at 1.0, packed
+    sequences of at most 2,048 tokens, 8 x 8 sequences a step per device, bf16, activation checkpointing."""
     epochs: float = Field(4, gt=0)
     max_steps: int = -1
     learning_rate: float = Field(5e-5, gt=0)
@@ -444,7 +449,7 @@ class RunStore:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
+            probe = self.root / f".write-test-{os.getpid()}"  # one per process: ranks start together
             probe.write_text("ok"); probe.unlink()
         except OSError as e:
             raise CompeffdistError(f"{self.root}: run folder is not writable ({e.strerror})") from None

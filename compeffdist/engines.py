@@ -8,26 +8,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sqlite3
 import sys
 import threading
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .core import CompeffdistError, ModelConfig, DecodingConfig, stable_hash
 from .models import ModelRef, hf_model_path, load_causal_lm, pick_device, resolve_model
 
 # %% auto #0
-__all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 'Engine', 'FakeEngine', 'request_key',
-           'CallCache', 'CallStats', 'CachedEngine', 'schema_for_choice', 'json_ok', 'HFEngine', 'LlamaCppEngine',
-           'OpenAIEngine', 'VLLMEngine', 'make_engine', 'open_engine', 'RunContext', 'generate_cli']
+__all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 'per_request', 'request_seed', 'Engine',
+           'FakeEngine', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
+           'schema_for_choice', 'json_ok', 'template_kwargs', 'strip_thinking', 'HFEngine', 'LlamaCppEngine',
+           'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'make_engine', 'open_engine', 'RunContext',
+           'read_prompt_rows', 'row_messages', 'generate_cli']
 
 # %% ../nbs/01_engines.ipynb #0453072a
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
@@ -79,19 +83,37 @@ class Generation:
     def to_dict(self) -> dict:
         d = asdict(self); d.pop("cached"); return d
 
+# %% ../nbs/01_engines.ipynb #4db6ca2b
+def per_request(batch: Sequence[Messages], params, constraint=None) -> list[tuple[SamplingParams, Constraint | None]]:
+    "One `(params, constraint)` per conversation: each argument is one value for all or a list of len(batch)."
+    def spread(x, what):
+        if not isinstance(x, (list, tuple)):
+            return [x] * len(batch)
+        if len(x) != len(batch):
+            raise CompeffdistError(f"{what}: {len(x)} values for {len(batch)} conversations")
+        return list(x)
+    return list(zip(spread(params, "params"), spread(constraint, "constraint")))
+
+# %% ../nbs/01_engines.ipynb #10451952
+def request_seed(params: SamplingParams, messages: Messages, r: int = 0) -> int:
+    "A reproducible 31-bit seed for the `r`-th sample of one conversation."
+    return int(stable_hash([params.seed, list(messages), r], n=8), 16) % 2**31
+
 # %% ../nbs/01_engines.ipynb #831caa2a
 class Engine:
     "Base class. Subclasses set `name`, `ref` and implement `generate_iter`."
     name = "base"
     ref: ModelRef
+    stop_requested: bool = False  # set by `request_stop`: finish what is in flight, start nothing new
 
     @property
     def identity(self) -> str:
         "What the cache keys on: engine and model identity (different engines may answer differently)."
         return f"{self.name}:{self.ref.identity}"
 
-    def generate_iter(self, batch: Sequence[Messages], params: SamplingParams,
-                      constraint: Constraint | None = None) -> Iterator[tuple[int, list[Generation]]]:
+    def generate_iter(self, batch: Sequence[Messages], params: SamplingParams | Sequence[SamplingParams],
+                      constraint: Constraint | None | Sequence[Constraint | None] = None
+                      ) -> Iterator[tuple[int, list[Generation]]]:
         raise NotImplementedError
 
     def generate(self, batch: Sequence[Messages], params: SamplingParams = SamplingParams(),
@@ -101,6 +123,20 @@ class Engine:
         for i, gens in self.generate_iter(batch, params, constraint):
             out[i] = gens
         return out
+
+    def request_stop(self):
+        "Finish the requests already started and start no new one (the iterator then ends early)."
+        self.stop_requested = True
+
+    def answer_text(self, text: str) -> str:
+        "The answer without a leading thinking block (counted in `thoughts_removed`, warned about once)."
+        text, had = strip_thinking(text)
+        if had:
+            self.thoughts_removed = getattr(self, "thoughts_removed", 0) + 1
+            if self.thoughts_removed == 1:
+                warnings.warn(f"{self.identity}: an answer started with a <think> block although thinking is off "
+                              "(removed; set chat_template_kwargs for this model)")
+        return text
 
     def close(self):
         "Free the model (GPU memory, server connections)."
@@ -122,10 +158,11 @@ class FakeEngine(Engine):
 
     def generate_iter(self, batch, params, constraint=None):
         _check_batch(batch)
-        for i, m in enumerate(batch):
+        for i, (m, (p, c)) in enumerate(zip(batch, per_request(batch, params, constraint))):
+            if self.stop_requested: return
             self.calls += 1
             gens = []
-            for j in range(params.n):
+            for j in range(p.n):
                 text = self.respond(m, j)
                 gens.append(Generation(text, sum(len(x["content"].split()) for x in m), len(text.split())))
             yield i, gens
@@ -177,19 +214,81 @@ class CallCache:
         with self._lock:
             return self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
-    def summary(self) -> dict[str, dict]:
-        "Per model identity: finished calls, prompt and completion tokens stored."
-        q = ("SELECT model, COUNT(*), SUM(json_extract(response, '$[0].prompt_tokens')), "
-             "SUM((SELECT SUM(json_extract(g.value, '$.completion_tokens')) FROM json_each(response) g)) "
-             "FROM calls GROUP BY model ORDER BY model")
-        with self._lock:
-            rows = self.db.execute(q).fetchall()
-        return {m: {"calls": n, "prompt_tokens": p or 0, "completion_tokens": c or 0} for m, n, p, c in rows}
-
     def close(self):
         self.db.close()
 
 # %% ../nbs/01_engines.ipynb #9e3c40fa
+@patch
+def summary(self: CallCache) -> dict[str, dict]:
+    "Per model identity: finished calls, prompt and completion tokens stored."
+    q = ("SELECT model, COUNT(*), SUM(json_extract(response, '$[0].prompt_tokens')), "
+         "SUM((SELECT SUM(json_extract(g.value, '$.completion_tokens')) FROM json_each(response) g)) "
+         "FROM calls GROUP BY model ORDER BY model")
+    with self._lock:
+        rows = self.db.execute(q).fetchall()
+    return {m: {"calls": n, "prompt_tokens": p or 0, "completion_tokens": c or 0} for m, n, p, c in rows}
+
+# %% ../nbs/01_engines.ipynb #70b2a5e3
+_CALL_FIELDS = ("key", "model", "request", "response", "created")
+
+
+@patch
+def export_jsonl(self: CallCache, path: str | os.PathLike) -> int:
+    "Write every call as a JSON line, sorted by key (atomically); return how many."
+    from compeffdist.core import atomic_write
+    with self._lock:
+        rows = self.db.execute(f"SELECT {', '.join(_CALL_FIELDS)} FROM calls ORDER BY key").fetchall()
+    with atomic_write(path) as f:
+        for key, model, req, resp, created in rows:
+            rec = {"key": key, "model": model, "request": json.loads(req), "response": json.loads(resp),
+                   "created": round(created, 3)}
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+    return len(rows)
+
+
+@patch
+def import_jsonl(self: CallCache, path: str | os.PathLike) -> int:
+    "Add the calls of an `export_jsonl` file that the cache lacks; return how many were added."
+    from compeffdist.core import read_jsonl
+    recs = read_jsonl(path)
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict) or any(k not in r for k in _CALL_FIELDS):
+            raise CompeffdistError(f"{path}:{i}: not a call record (needs {', '.join(_CALL_FIELDS)})")
+    before = len(self)
+    with self._lock:
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?)",
+                            [(r["key"], r["model"], json.dumps(r["request"], ensure_ascii=False),
+                              json.dumps(r["response"], ensure_ascii=False), r["created"]) for r in recs])
+        self.db.execute("COMMIT")
+    return len(self) - before
+
+# %% ../nbs/01_engines.ipynb #f89be949
+class BudgetSpent(CompeffdistError):
+    "The teacher budget of this process is spent; finished calls are stored, the same command continues."
+
+
+@dataclass
+class TeacherBudget:
+    "At most `max_calls` new teacher calls and `max_minutes` of teacher time in this process (None: no bound)."
+    max_calls: int | None = None
+    max_minutes: float | None = None
+    calls: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def calls_left(self) -> int | None:
+        return None if self.max_calls is None else max(0, self.max_calls - self.calls)
+
+    @property
+    def spent(self) -> bool:
+        late = self.max_minutes is not None and time.monotonic() - self.started >= 60 * self.max_minutes
+        return late or self.calls_left == 0
+
+    def describe(self) -> str:
+        return f"{self.calls} new teacher calls in {(time.monotonic() - self.started) / 60:.1f} min"
+
+# %% ../nbs/01_engines.ipynb #2bd7dcf5
 @dataclass
 class CallStats:
     "What a `CachedEngine` did: cache hits and misses, tokens generated, seconds spent generating."
@@ -211,10 +310,11 @@ class CallStats:
 class CachedEngine(Engine):
     "Wrap `engine` with a `CallCache`: finished calls are served from the cache and never repeated."
 
-    def __init__(self, engine: Engine, cache: CallCache | str | os.PathLike, progress: bool = True):
+    def __init__(self, engine: Engine, cache: CallCache | str | os.PathLike | None, progress: bool = True,
+                 budget: TeacherBudget | None = None):
         self.engine = engine
-        self.cache = cache if isinstance(cache, CallCache) else CallCache(cache)
-        self.stats, self.progress = CallStats(), progress
+        self.cache = cache if cache is None or isinstance(cache, CallCache) else CallCache(cache)
+        self.stats, self.progress, self.budget = CallStats(), progress, budget
         self.name, self.ref = engine.name, engine.ref
 
     @property
@@ -226,42 +326,6 @@ class CachedEngine(Engine):
         old, self.stats = self.stats, CallStats()
         return old
 
-    def generate_iter(self, batch, params=SamplingParams(), constraint=None, desc: str = "generate"):
-        _check_batch(batch)
-        keys = [request_key(self.identity, list(m), params, constraint) for m in batch]
-        found = self.cache.get_many(keys)
-        positions: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            if k in found:
-                self.stats.hits += 1
-                yield i, found[k]
-            else:
-                positions.setdefault(k, []).append(i)
-        if not positions:
-            return
-        todo = list(positions)
-        bar = tqdm(total=len(todo), desc=desc, unit="call", disable=not self.progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        try:
-            for j, gens in self.engine.generate_iter([batch[positions[k][0]] for k in todo], params, constraint):
-                k = todo[j]
-                ok = all(g.finish_reason != "error" for g in gens)
-                if ok:
-                    self.cache.put(k, self.identity, {"messages": list(batch[positions[k][0]]),
-                                                      "params": asdict(params),
-                                                      "constraint": constraint.to_dict() if constraint else None}, gens)
-                    self.stats.misses += len(positions[k])
-                else:
-                    self.stats.errors += len(positions[k])
-                self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens[:1])
-                self.stats.completion_tokens += sum(g.completion_tokens for g in gens)
-                self.stats.seconds = self.stats.seconds + (time.perf_counter() - t0); t0 = time.perf_counter()
-                bar.update(1); bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.1f}")
-                for i in positions[k]:
-                    yield i, gens
-        finally:
-            bar.close()
-
     def generate(self, batch, params=SamplingParams(), constraint=None, desc: str = "generate"):
         out: list = [None] * len(batch)
         for i, gens in self.generate_iter(batch, params, constraint, desc=desc):
@@ -269,7 +333,66 @@ class CachedEngine(Engine):
         return out
 
     def close(self):
-        self.engine.close(); self.cache.close()
+        self.engine.close()
+        if self.cache is not None: self.cache.close()
+
+# %% ../nbs/01_engines.ipynb #13614f33
+@patch
+def _store(self: CachedEngine, key: str, messages, params, constraint, gens: list[Generation], copies: int):
+    if all(g.finish_reason != "error" for g in gens):
+        if self.cache is not None:
+            self.cache.put(key, self.identity, {"messages": list(messages), "params": asdict(params),
+                                                "constraint": constraint.to_dict() if constraint else None}, gens)
+        self.stats.misses += copies
+    else:
+        self.stats.errors += copies
+    self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens[:1])
+    self.stats.completion_tokens += sum(g.completion_tokens for g in gens)
+    if self.budget is not None:
+        self.budget.calls += 1
+
+
+@patch
+def generate_iter(self: CachedEngine, batch, params=SamplingParams(), constraint=None, desc: str = "generate"):
+    _check_batch(batch)
+    reqs = per_request(batch, params, constraint)
+    keys = [request_key(self.identity, list(m), p, c) for m, (p, c) in zip(batch, reqs)]
+    found = self.cache.get_many(keys) if self.cache is not None else {}
+    positions: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k in found:
+            self.stats.hits += 1
+            yield i, found[k]
+        else:
+            positions.setdefault(k, []).append(i)
+    # misses in prompt order: requests that share a beginning (one instruction, many texts) run one after the
+    # other, so that an engine that keeps the last prompt's KV cache evaluates the shared part once
+    todo = sorted(positions, key=lambda k: json.dumps(batch[positions[k][0]], ensure_ascii=False))
+    if self.budget is not None and todo:
+        if self.budget.spent: raise BudgetSpent(f"teacher budget spent ({self.budget.describe()})")
+        todo = todo[:self.budget.calls_left] if self.budget.calls_left is not None else todo
+    if not todo:
+        return
+    first = [positions[k][0] for k in todo]
+    bar = tqdm(total=len(todo), desc=desc, unit="call", disable=not self.progress, dynamic_ncols=True)
+    t0, done = time.perf_counter(), 0
+    self.engine.stop_requested = False
+    try:
+        for j, gens in self.engine.generate_iter([batch[i] for i in first], [reqs[i][0] for i in first],
+                                                 [reqs[i][1] for i in first]):
+            k = todo[j]
+            self._store(k, batch[first[j]], *reqs[first[j]], gens, len(positions[k]))
+            self.stats.seconds += time.perf_counter() - t0; t0 = time.perf_counter()
+            bar.update(1); bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.1f}"); done += 1
+            if self.budget is not None and self.budget.spent:
+                self.engine.request_stop()
+            for i in positions[k]:
+                yield i, gens
+    finally:
+        bar.close()
+    if self.budget is not None and done < len(positions):
+        raise BudgetSpent(f"teacher budget spent ({self.budget.describe()}); "
+                          f"{len(positions) - done} requests of '{desc}' left for the next run")
 
 # %% ../nbs/01_engines.ipynb #55ac4948
 def schema_for_choice(choice: Sequence[str]) -> dict:
@@ -292,20 +415,37 @@ def json_ok(text: str, schema: dict | None = None) -> bool:
     except jsonschema.ValidationError:
         return False
 
+# %% ../nbs/01_engines.ipynb #4c520470
+def template_kwargs(configured: dict | None = None) -> dict:
+    "Variables for the chat template: `enable_thinking=False`, then whatever the config sets."
+    return {"enable_thinking": False, **(configured or {})}
+
+
+_THINK_BLOCK = re.compile(r"\s*<think>.*?(</think>\s*|$)", re.S)
+
+
+def strip_thinking(text: str) -> tuple[str, bool]:
+    "Remove a leading `<think>…</think>` block (an unclosed one takes the whole text); say whether one was there."
+    m = _THINK_BLOCK.match(text)
+    return (text[m.end():], True) if m and text.lstrip().startswith("<think>") else (text, False)
+
 # %% ../nbs/01_engines.ipynb #160b1f77
 class HFEngine(Engine):
     "transformers generation: batched, left-padded, chat-templated; CPU or GPU; hub ids, folders and GGUF files."
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8, **kw):
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
+                 chat_template_kwargs: dict | None = None, **kw):
         self.ref = resolve_model(model, kw.pop("revision", None))
         self.device = pick_device(device)
         self.model, self.tokenizer = load_causal_lm(self.ref, dtype=dtype, device=self.device, **kw)
         self.batch_size = batch_size
+        self.template_kwargs = template_kwargs(chat_template_kwargs)
 
     def render(self, messages: Messages) -> str:
         "The prompt string the model sees (chat template with the generation prompt)."
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                                  **self.template_kwargs)
 
     def _encode(self, prompts: list[str]):
         return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -319,112 +459,143 @@ class HFEngine(Engine):
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def generate_iter(self, batch, params, constraint=None):
-        import torch
-        _check_batch(batch)
-        prompts = [self.render(m) for m in batch]
-        if constraint is not None and constraint.choice is not None:
-            for s in range(0, len(prompts), self.batch_size):
-                chunk = prompts[s:s + self.batch_size]
-                for j, (best, n_prompt) in enumerate(self._choose(chunk, constraint.choice)):
-                    yield s + j, [Generation(best, n_prompt, len(self.tokenizer(best, add_special_tokens=False)["input_ids"]))
-                                  for _ in range(params.n)]
-            return
-        eos = self.eos_ids
-        sample = params.temperature > 0
-        reps = params.n if sample else 1  # greedy decoding gives one answer; it is repeated n times
+# %% ../nbs/01_engines.ipynb #9c26ab61
+def _group_key(params: SamplingParams, constraint: Constraint | None) -> str:
+    return json.dumps([asdict(params), constraint.to_dict() if constraint else None], sort_keys=True)
+
+
+@patch
+def generate_iter(self: HFEngine, batch, params, constraint=None):
+    _check_batch(batch)
+    reqs = per_request(batch, params, constraint)
+    groups: dict[str, list[int]] = {}
+    for i, (p, c) in enumerate(reqs):
+        groups.setdefault(_group_key(p, c), []).append(i)
+    for idx in groups.values():
+        p, c = reqs[idx[0]]
+        prompts = [self.render(batch[i]) for i in idx]
         for s in range(0, len(prompts), self.batch_size):
+            if self.stop_requested: return
             chunk = prompts[s:s + self.batch_size]
-            enc = self._encode(chunk)
-            kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=reps, eos_token_id=eos,
-                      pad_token_id=self.tokenizer.pad_token_id, do_sample=sample)
-            if sample:
-                kw.update(temperature=params.temperature, top_p=params.top_p)
-            if params.stop:
-                kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-            if constraint is not None and (proc := self._json_processor(constraint.json_schema)) is not None:
-                kw.update(logits_processor=[proc])
-            torch.manual_seed(params.seed)
-            with torch.no_grad():
-                out = self.model.generate(**enc, **kw)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
-            n_prompt = enc["attention_mask"].sum(1).tolist()
-            for j in range(len(chunk)):
-                gens = []
-                for r in range(params.n):
-                    ids = new[j * reps + (r if sample else 0)]
-                    end = next((k for k, t in enumerate(ids) if t in eos), None)
-                    finished = end is not None
-                    ids = ids[:end] if finished else ids
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    hit = [text.index(x) for x in params.stop if x in text]
-                    if hit:
-                        text, finished = text[:min(hit)], True
-                    gens.append(Generation(text, n_prompt[j], len(ids), "stop" if finished else "length"))
-                yield s + j, gens
+            done = self._choose_chunk(chunk, p, c) if c is not None and c.choice else self._generate_chunk(chunk, p, c)
+            for j, gens in done:
+                yield idx[s + j], gens
 
-    def _json_processor(self, schema: dict):
-        "A logits processor that keeps the output inside `schema` (xgrammar); None, with a warning, without xgrammar."
-        try:
-            import xgrammar as xgr
-        except ImportError:
-            if not getattr(self, "_warned_xgr", False):
-                warnings.warn("xgrammar is not installed: JSON-schema constraints on the hf engine are not enforced "
-                              "while decoding (pip install xgrammar)")
-                self._warned_xgr = True
-            return None
-        if getattr(self, "_xgr_compiler", None) is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
-                                                     stop_token_ids=self.eos_ids)
-            self._xgr_compiler, self._xgr_grammars = xgr.GrammarCompiler(info), {}
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._xgr_grammars:
-            self._xgr_grammars[key] = self._xgr_compiler.compile_json_schema(key)
-        return xgr.contrib.hf.LogitsProcessor(self._xgr_grammars[key])
 
-    def _choose(self, prompts: list[str], choice: Sequence[str]):
-        """For each prompt, the choice most likely to be the whole answer: the total log-probability of the
-        choice followed by the end-of-turn token (so that a choice that is a prefix of another is not favoured)."""
-        import torch
-        end = self.tokenizer.eos_token or ""
-        pairs = [(p, c) for p in prompts for c in choice]
-        scores = self.sequence_logprobs([p for p, _ in pairs], [c + end for _, c in pairs])
-        n_prompt = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        for i in range(len(prompts)):
-            s = scores[i * len(choice):(i + 1) * len(choice)]
-            yield choice[int(torch.tensor(s).argmax())], n_prompt[i]
+@patch
+def _choose_chunk(self: HFEngine, chunk: list[str], params: SamplingParams, constraint: Constraint):
+    for j, (best, n_prompt) in enumerate(self._choose(chunk, constraint.choice)):
+        n_new = len(self.tokenizer(best, add_special_tokens=False)["input_ids"])
+        yield j, [Generation(best, n_prompt, n_new) for _ in range(params.n)]
 
-    def completion_logits(self, prompts: Sequence[str], completions: Sequence[str]):
-        """Batched forward passes over `prompt + completion` (already rendered strings). Yields, per pair,
-        `(logits[T, V], targets[T])` for the T completion tokens (logits predicting each target)."""
-        import torch
-        tok = self.tokenizer
-        p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        c_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completions]
-        for s in range(0, len(p_ids), self.batch_size):
-            seqs = [p + c for p, c in zip(p_ids[s:s + self.batch_size], c_ids[s:s + self.batch_size])]
-            width = max(len(x) for x in seqs)
-            ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, x in enumerate(seqs):  # left padding: sequences end at the same column
-                ids[j, width - len(x):] = torch.tensor(x); mask[j, width - len(x):] = 1
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for j, c in enumerate(c_ids[s:s + self.batch_size]):
-                T = len(c)
-                yield logits[j, width - T - 1:width - 1].float(), torch.tensor(c, device=logits.device)
+# %% ../nbs/01_engines.ipynb #4f8f35b4
+@patch
+def _generate_chunk(self: HFEngine, chunk: list[str], params: SamplingParams, constraint: Constraint | None):
+    import torch
+    eos, sample = self.eos_ids, params.temperature > 0
+    reps = params.n if sample else 1
+    enc = self._encode(chunk)
+    kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=reps, eos_token_id=eos,
+              pad_token_id=self.tokenizer.pad_token_id, do_sample=sample)
+    if sample:
+        kw.update(temperature=params.temperature, top_p=params.top_p)
+    if params.stop:
+        kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+    if constraint is not None and (proc := self._json_processor(constraint.json_schema)) is not None:
+        kw.update(logits_processor=[proc])
+    torch.manual_seed(params.seed)
+    with torch.no_grad():
+        out = self.model.generate(**enc, **kw)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    n_prompt = enc["attention_mask"].sum(1).tolist()
+    for j in range(len(chunk)):
+        yield j, [self._completion(new[j * reps + (r if sample else 0)], n_prompt[j], params.stop, eos)
+                  for r in range(params.n)]
 
-    def sequence_logprobs(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        "Total log-probability of each completion given its prompt."
-        out = []
-        for logits, tgt in self.completion_logits(prompts, completions):
-            lp = logits.log_softmax(-1).gather(1, tgt[:, None]).sum()
-            out.append(float(lp))
-        return out
 
-    def close(self):
-        del self.model
-        import gc; gc.collect()
+@patch
+def _completion(self: HFEngine, ids: list[int], n_prompt: int, stop: Sequence[str], eos: list[int]) -> Generation:
+    end = next((k for k, t in enumerate(ids) if t in eos), None)
+    finished = end is not None
+    ids = ids[:end] if finished else ids
+    text = self.answer_text(self.tokenizer.decode(ids, skip_special_tokens=True))
+    hit = [text.index(x) for x in stop if x in text]
+    if hit:
+        text, finished = text[:min(hit)], True
+    return Generation(text, n_prompt, len(ids), "stop" if finished else "length")
+
+# %% ../nbs/01_engines.ipynb #39705bf5
+@patch
+def _json_processor(self: HFEngine, schema: dict):
+    "A logits processor that keeps the output inside `schema` (xgrammar); None, with a warning, without xgrammar."
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        if not getattr(self, "_warned_xgr", False):
+            warnings.warn("xgrammar is not installed: JSON-schema constraints on the hf engine are not enforced "
+                          "while decoding (pip install xgrammar)")
+            self._warned_xgr = True
+        return None
+    if getattr(self, "_xgr_compiler", None) is None:
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                 stop_token_ids=self.eos_ids)
+        self._xgr_compiler, self._xgr_grammars = xgr.GrammarCompiler(info), {}
+    key = json.dumps(schema, sort_keys=True)
+    if key not in self._xgr_grammars:
+        self._xgr_grammars[key] = self._xgr_compiler.compile_json_schema(key)
+    return xgr.contrib.hf.LogitsProcessor(self._xgr_grammars[key])
+
+
+@patch
+def _choose(self: HFEngine, prompts: list[str], choice: Sequence[str]):
+    """For each prompt, the choice most likely to be the whole answer: the total log-probability of the
+    choice followed by the end-of-turn token (so that a choice that is a prefix of another is not favoured)."""
+    import torch
+    end = self.tokenizer.eos_token or ""
+    pairs = [(p, c) for p in prompts for c in choice]
+    scores = self.sequence_logprobs([p for p, _ in pairs], [c + end for _, c in pairs])
+    n_prompt = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    for i in range(len(prompts)):
+        s = scores[i * len(choice):(i + 1) * len(choice)]
+        yield choice[int(torch.tensor(s).argmax())], n_prompt[i]
+
+# %% ../nbs/01_engines.ipynb #ddd5c79d
+@patch
+def completion_logits(self: HFEngine, prompts: Sequence[str], completions: Sequence[str]):
+    """Batched forward passes over `prompt + completion` (already rendered strings). Yields, per pair,
+    `(logits[T, V], targets[T])` for the T completion tokens (logits predicting each target)."""
+    import torch
+    tok = self.tokenizer
+    p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    c_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+    for s in range(0, len(p_ids), self.batch_size):
+        seqs = [p + c for p, c in zip(p_ids[s:s + self.batch_size], c_ids[s:s + self.batch_size])]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, x in enumerate(seqs):  # left padding: sequences end at the same column
+            ids[j, width - len(x):] = torch.tensor(x); mask[j, width - len(x):] = 1
+        with torch.no_grad():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        for j, c in enumerate(c_ids[s:s + self.batch_size]):
+            T = len(c)
+            yield logits[j, width - T - 1:width - 1].float(), torch.tensor(c, device=logits.device)
+
+
+@patch
+def sequence_logprobs(self: HFEngine, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    "Total log-probability of each completion given its prompt."
+    out = []
+    for logits, tgt in self.completion_logits(prompts, completions):
+        lp = logits.log_softmax(-1).gather(1, tgt[:, None]).sum()
+        out.append(float(lp))
+    return out
+
+
+@patch
+def close(self: HFEngine):
+    del self.model
+    import gc; gc.collect()
 
 # %% ../nbs/01_engines.ipynb #513c6687
 def _import(module: str, extra: str, what: str):
@@ -463,22 +634,23 @@ class LlamaCppEngine(Engine):
 
     def generate_iter(self, batch, params, constraint=None):
         _check_batch(batch)
-        extra = self._grammar_kwargs(constraint)
-        for i, m in enumerate(batch):
-            gens = []
-            for r in range(params.n):
-                try:
-                    out = self.llm.create_chat_completion(
-                        messages=list(m), temperature=params.temperature, top_p=params.top_p,
-                        max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
-                        seed=params.seed + r, **extra)
-                except ValueError as e:  # e.g. the prompt does not fit the context
-                    gens.append(Generation("", 0, 0, "error")); print(f"llamacpp: request {i}: {e}", file=sys.stderr)
-                    continue
-                ch, use = out["choices"][0], out["usage"]
-                gens.append(Generation(ch["message"]["content"] or "", use["prompt_tokens"], use["completion_tokens"],
-                                       "length" if ch["finish_reason"] == "length" else "stop"))
-            yield i, gens
+        for i, (m, (p, c)) in enumerate(zip(batch, per_request(batch, params, constraint))):
+            if self.stop_requested: return
+            extra, draws = self._grammar_kwargs(c), p.n if p.temperature > 0 else 1  # greedy: one answer, n copies
+            gens = [self._one(i, m, p, extra, r) for r in range(draws)]
+            yield i, gens if draws == p.n else [replace(gens[0]) for _ in range(p.n)]
+
+    def _one(self, i: int, m: Messages, p: SamplingParams, extra: dict, r: int) -> Generation:
+        try:
+            out = self.llm.create_chat_completion(
+                messages=list(m), temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
+                stop=list(p.stop) or None, seed=request_seed(p, m, r), **extra)
+        except ValueError as e:  # e.g. the prompt does not fit the context
+            print(f"llamacpp: request {i}: {e}", file=sys.stderr)
+            return Generation("", 0, 0, "error")
+        ch, use = out["choices"][0], out["usage"]
+        return Generation(self.answer_text(ch["message"]["content"] or ""), use["prompt_tokens"],
+                          use["completion_tokens"], "length" if ch["finish_reason"] == "length" else "stop")
 
     def close(self):
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -501,7 +673,7 @@ class OpenAIEngine(Engine):
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  served_model_name: str | None = None, max_concurrency: int = 8, timeout_s: float = 600,
                  max_retries: int = 6, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 schema_style: str = "auto"):
+                 schema_style: str = "auto", chat_template_kwargs: dict | None = None):
         import httpx
         if schema_style not in ("auto", "json_schema", "json_object"):
             raise CompeffdistError(f"schema_style must be auto, json_schema or json_object, got '{schema_style}'")
@@ -513,6 +685,9 @@ class OpenAIEngine(Engine):
                                    limits=httpx.Limits(max_connections=max_concurrency))
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.backoff_s, self.max_backoff_s, self.schema_style = backoff_s, max_backoff_s, schema_style
+        # servers that render chat templates (vLLM, llama.cpp) take template variables; OpenAI's own API does not
+        hosted = "api.openai.com" in self.base_url
+        self.template_kwargs = chat_template_kwargs if hosted else template_kwargs(chat_template_kwargs)
         self.retries: Counter = Counter()  # retried attempts by cause ("HTTP 429", "ReadTimeout", ...)
         self._lock = threading.Lock()
 
@@ -523,94 +698,128 @@ class OpenAIEngine(Engine):
 
     def _body(self, messages, params, constraint, r):
         body = {"model": self.model, "messages": list(messages), "temperature": params.temperature,
-                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed + r}
+                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": request_seed(params, messages, r)}
         if params.stop: body["stop"] = list(params.stop)
+        if self.template_kwargs: body["chat_template_kwargs"] = self.template_kwargs
         if constraint is not None:
             schema = constraint.json_schema if constraint.json_schema is not None else schema_for_choice(constraint.choice)
             body["response_format"] = self._response_format(schema)
         return body
 
-    def _wait(self, attempt: int, resp=None) -> float:
-        "Seconds before the next attempt: the server's Retry-After (seconds), else exponential backoff with jitter."
+# %% ../nbs/01_engines.ipynb #4e5fae17
+@patch
+def _wait(self: OpenAIEngine, attempt: int, resp=None) -> float:
+    "Seconds before the next attempt: the server's Retry-After (seconds), else exponential backoff with jitter."
+    try:
+        return min(self.max_backoff_s, float(resp.headers["retry-after"]))
+    except (AttributeError, KeyError, TypeError, ValueError):  # no response, no header, or an HTTP date
+        return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random())
+
+
+@patch
+def _post(self: OpenAIEngine, body) -> dict:
+    import httpx
+    attempt = 0
+    while True:
+        resp = None
         try:
-            return min(self.max_backoff_s, float(resp.headers["retry-after"]))
-        except (AttributeError, KeyError, TypeError, ValueError):  # no response, no header, or an HTTP date
-            return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random())
-
-    def _post(self, body) -> dict:
-        import httpx
-        attempt = 0
-        while True:
-            resp = None
-            try:
-                resp = self.client.post(f"{self.base_url}/chat/completions", json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                problem = type(e).__name__
+            resp = self.client.post(f"{self.base_url}/chat/completions", json=body)
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            problem = type(e).__name__
+        else:
+            if resp.status_code == 200:
+                try:
+                    out = resp.json()
+                    out["choices"][0]["message"]
+                    return out
+                except (ValueError, KeyError, IndexError, TypeError):
+                    problem = "malformed response"
+            elif (self.schema_style != "json_schema" and body.get("response_format", {}).get("type") == "json_schema"
+                  and "response_format" in resp.text):
+                self.schema_style = "json_object"  # auto: the server (llama.cpp's) wants its own schema format
+                body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
+                continue
+            elif resp.status_code in self.FATAL_STATUS:
+                raise CompeffdistError(f"server {self.base_url} answered {resp.status_code} for model "
+                                       f"'{self.model}': {resp.text[:200]}")
+            elif resp.status_code not in self.RETRY_STATUS:
+                raise _RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
             else:
-                if resp.status_code == 200:
-                    try:
-                        out = resp.json()
-                        out["choices"][0]["message"]
-                        return out
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        problem = "malformed response"
-                elif (self.schema_style != "json_schema" and body.get("response_format", {}).get("type") == "json_schema"
-                      and "response_format" in resp.text):
-                    self.schema_style = "json_object"  # auto: the server (llama.cpp's) wants its own schema format
-                    body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
-                    continue
-                elif resp.status_code in self.FATAL_STATUS:
-                    raise CompeffdistError(f"server {self.base_url} answered {resp.status_code} for model "
-                                           f"'{self.model}': {resp.text[:200]}")
-                elif resp.status_code not in self.RETRY_STATUS:
-                    raise _RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
-                else:
-                    problem = f"HTTP {resp.status_code}"
-            if attempt == self.max_retries:
-                raise _RequestFailed(f"giving up after {attempt + 1} attempts (last: {problem})")
-            with self._lock:
-                self.retries[problem] += 1
-            time.sleep(self._wait(attempt, resp))
-            attempt += 1
+                problem = f"HTTP {resp.status_code}"
+        if attempt == self.max_retries:
+            raise _RequestFailed(f"giving up after {attempt + 1} attempts (last: {problem})")
+        with self._lock:
+            self.retries[problem] += 1
+        time.sleep(self._wait(attempt, resp))
+        attempt += 1
 
-    def _one(self, messages, params, constraint) -> list[Generation]:
-        gens = []
-        for r in range(params.n if params.temperature > 0 else 1):  # greedy: one request, its answer n times
-            try:
-                out = self._post(self._body(messages, params, constraint, r))
-            except _RequestFailed as e:
-                print(f"openai: {self.base_url}: {e}", file=sys.stderr)
-                gens.append(Generation("", 0, 0, "error")); continue
-            ch, use = out["choices"][0], out.get("usage") or {}
-            text = ch["message"].get("content") or ""
-            if constraint is not None and constraint.choice is not None:
-                try: text = json.loads(text)
-                except json.JSONDecodeError: pass
-            gens.append(Generation(str(text), use.get("prompt_tokens", 0), use.get("completion_tokens", 0),
-                                   "length" if ch.get("finish_reason") == "length" else "stop"))
-        return gens if len(gens) == params.n else [replace(gens[0]) for _ in range(params.n)]
+# %% ../nbs/01_engines.ipynb #8261be88
+@patch
+def _one(self: OpenAIEngine, messages, params, constraint) -> list[Generation]:
+    gens = []
+    for r in range(params.n if params.temperature > 0 else 1):
+        try:
+            out = self._post(self._body(messages, params, constraint, r))
+        except _RequestFailed as e:
+            print(f"openai: {self.base_url}: {e}", file=sys.stderr)
+            gens.append(Generation("", 0, 0, "error")); continue
+        ch, use = out["choices"][0], out.get("usage") or {}
+        text = self.answer_text(ch["message"].get("content") or "")
+        if constraint is not None and constraint.choice is not None:
+            try: text = json.loads(text)
+            except json.JSONDecodeError: pass
+        gens.append(Generation(str(text), use.get("prompt_tokens", 0), use.get("completion_tokens", 0),
+                               "length" if ch.get("finish_reason") == "length" else "stop"))
+    return gens if len(gens) == params.n else [replace(gens[0]) for _ in range(params.n)]
 
-    def generate_iter(self, batch, params, constraint=None):
-        _check_batch(batch)
-        with ThreadPoolExecutor(self.max_concurrency) as pool:
-            futures = {pool.submit(self._one, m, params, constraint): i for i, m in enumerate(batch)}
-            try:
-                for f in as_completed(futures):
-                    yield futures[f], f.result()
-            finally:
-                for f in futures: f.cancel()
 
-    def close(self):
-        self.client.close()
+@patch
+def generate_iter(self: OpenAIEngine, batch, params, constraint=None):
+    _check_batch(batch)
+    reqs, todo = per_request(batch, params, constraint), iter(range(len(batch)))
+    with ThreadPoolExecutor(self.max_concurrency) as pool:
+        running: dict = {}
+
+        def submit():
+            i = next(todo, None)
+            if i is not None: running[pool.submit(self._one, batch[i], *reqs[i])] = i
+
+        for _ in range(self.max_concurrency): submit()
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    i = running.pop(f)
+                    if not self.stop_requested: submit()
+                    yield i, f.result()
+        finally:
+            for f in running: f.cancel()
+
+
+@patch
+def close(self: OpenAIEngine):
+    self.client.close()
 
 # %% ../nbs/01_engines.ipynb #a47ecde1
+def text_only_kwargs(location: str, revision: str | None = None) -> dict:
+    """vLLM arguments that load a multimodal checkpoint (Gemma-3-4B and larger) as a text model: no image
+    inputs, so no vision-encoder memory is reserved. `{}` for text models or when the config cannot be read."""
+    try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(location, revision=revision)
+    except Exception:  # offline hub id, unknown architecture: leave vLLM's defaults
+        return {}
+    return {"limit_mm_per_prompt": {"image": 0}} if getattr(cfg, "vision_config", None) is not None else {}
+
+
 class VLLMEngine(Engine):
     "vllm.LLM in process: tensor parallelism, structured outputs, chunked for durable caching."
     name = "vllm"
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  context_length: int = 4096, dtype: str = "auto", chunk_size: int = 256, tokenizer: str | None = None,
-                 seed: int = 0, revision: str | None = None, load_gguf: bool = False, **kw):
+                 seed: int = 0, revision: str | None = None, load_gguf: bool = False,
+                 chat_template_kwargs: dict | None = None, **kw):
         vllm = _import("vllm", "vllm", "vllm")
         self.ref = resolve_model(model, revision)
         location, tok = self.ref.location, tokenizer
@@ -618,36 +827,54 @@ class VLLMEngine(Engine):
             tok = tokenizer or self.ref.hub_id
         elif self.ref.kind == "gguf":
             location = hf_model_path(self.ref)
+        kw = {**text_only_kwargs(location, revision), **kw}
         self.llm = vllm.LLM(model=location, tokenizer=tok, tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length,
                             dtype=dtype, seed=seed, revision=revision, **kw)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.template_kwargs = chunk_size, template_kwargs(chat_template_kwargs)
         self._vllm = vllm
 
-    def _sampling(self, params, constraint):
-        from vllm.sampling_params import StructuredOutputsParams
-        so = None
-        if constraint is not None:
-            so = (StructuredOutputsParams(json=constraint.json_schema) if constraint.json_schema is not None
-                  else StructuredOutputsParams(choice=list(constraint.choice)))
-        n = params.n if params.temperature > 0 else 1  # vLLM refuses n > 1 when greedy: one answer, repeated
-        return self._vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
-                                         max_tokens=params.max_new_tokens, seed=params.seed,
-                                         stop=list(params.stop) or None, structured_outputs=so)
+# %% ../nbs/01_engines.ipynb #58f8382c
+@patch
+def _sampling(self: VLLMEngine, params: SamplingParams, constraint: Constraint | None, messages: Messages):
+    from vllm.sampling_params import StructuredOutputsParams
+    so = None
+    if constraint is not None:
+        so = (StructuredOutputsParams(json=constraint.json_schema) if constraint.json_schema is not None
+              else StructuredOutputsParams(choice=list(constraint.choice)))
+    sample = params.temperature > 0
+    return self._vllm.SamplingParams(n=params.n if sample else 1,  # vLLM refuses n > 1 when greedy
+                                     temperature=params.temperature, top_p=params.top_p,
+                                     max_tokens=params.max_new_tokens,
+                                     seed=request_seed(params, messages) if sample else None,
+                                     stop=list(params.stop) or None, structured_outputs=so)
 
-    def generate_iter(self, batch, params, constraint=None):
-        _check_batch(batch)
-        sp = self._sampling(params, constraint)
-        for s in range(0, len(batch), self.chunk_size):
-            outs = self.llm.chat([list(m) for m in batch[s:s + self.chunk_size]], sp, use_tqdm=False)
-            for j, o in enumerate(outs):
-                gens = [Generation(c.text, len(o.prompt_token_ids), len(c.token_ids),
-                                   "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
-                yield s + j, (gens * params.n)[:params.n] if len(gens) < params.n else gens
 
-    def close(self):
-        del self.llm
-        import gc; gc.collect()
+@patch
+def generate_iter(self: VLLMEngine, batch, params, constraint=None):
+    _check_batch(batch)
+    reqs = per_request(batch, params, constraint)
+    for s in range(0, len(batch), self.chunk_size):
+        if self.stop_requested: return
+        chunk = [list(m) for m in batch[s:s + self.chunk_size]]
+        sps = [self._sampling(p, c, m) for m, (p, c) in zip(chunk, reqs[s:s + self.chunk_size])]
+        outs = self.llm.chat(chunk, sps, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
+        for j, o in enumerate(outs):
+            n = reqs[s + j][0].n
+            gens = [Generation(self.answer_text(c.text), len(o.prompt_token_ids), len(c.token_ids),
+                               "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
+            yield s + j, gens if len(gens) == n else [replace(gens[0]) for _ in range(n)]
+
+
+@patch
+def close(self: VLLMEngine):
+    "Free the model: vLLM's engine, then the CUDA cache (a later vLLM or training in this process needs it)."
+    del self.llm
+    import gc; gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+    except ImportError: pass
 
 # %% ../nbs/01_engines.ipynb #e536178b
 ENGINES = {"hf": HFEngine, "llamacpp": LlamaCppEngine, "openai": OpenAIEngine, "vllm": VLLMEngine}
@@ -655,10 +882,15 @@ ENGINES = {"hf": HFEngine, "llamacpp": LlamaCppEngine, "openai": OpenAIEngine, "
 
 def make_engine(cfg: ModelConfig) -> Engine:
     "Build the engine a `ModelConfig` describes (no cache)."
-    c, o = cfg, dict(cfg.options)
+    c, o = cfg, {"chat_template_kwargs": cfg.chat_template_kwargs, **cfg.options}
     if c.engine == "hf":
         return HFEngine(c.model, dtype=c.dtype, device=c.device, batch_size=c.batch_size, revision=c.revision, **o)
+    if c.engine == "llamacpp" and c.parallel > 1:
+        from compeffdist.llama_server import LlamaServerEngine
+        return LlamaServerEngine(c.model, parallel=c.parallel, context_length=c.context_length,
+                                 n_threads=c.n_threads, **o)
     if c.engine == "llamacpp":
+        o.pop("chat_template_kwargs")  # llama-cpp-python renders templates without extra variables
         return LlamaCppEngine(c.model, context_length=c.context_length, n_threads=c.n_threads, **o)
     if c.engine == "openai":
         return OpenAIEngine(c.model, base_url=c.base_url, api_key_env=c.api_key_env,
@@ -669,16 +901,18 @@ def make_engine(cfg: ModelConfig) -> Engine:
                       dtype=c.dtype, chunk_size=c.chunk_size, tokenizer=c.tokenizer, revision=c.revision, **o)
 
 
-def open_engine(cfg: ModelConfig, cache: CallCache | str | os.PathLike, progress: bool = True) -> CachedEngine:
-    "Build the engine of `cfg` behind the durable call cache at `cache`."
-    return CachedEngine(make_engine(cfg), cache, progress=progress)
+def open_engine(cfg: ModelConfig, cache: CallCache | str | os.PathLike | None, progress: bool = True,
+                budget: TeacherBudget | None = None) -> CachedEngine:
+    "Build the engine of `cfg` behind the durable call cache at `cache` (None: no cache, every call is made)."
+    return CachedEngine(make_engine(cfg), cache, progress=progress, budget=budget)
 
 # %% ../nbs/01_engines.ipynb #6e75aa74
 class RunContext:
     "Lazily opened resources of a run: `teacher` (cached engine), `embedder`, `sentibench` (folder)."
 
-    def __init__(self, cfg, store, teacher: Engine | None = None, embedder=None, progress: bool = True):
-        self.cfg, self.store, self.progress = cfg, store, progress
+    def __init__(self, cfg, store, teacher: Engine | None = None, embedder=None, progress: bool = True,
+                 budget: TeacherBudget | None = None):
+        self.cfg, self.store, self.progress, self.budget = cfg, store, progress, budget
         self._teacher, self._embedder = teacher, embedder
 
     @property
@@ -690,7 +924,7 @@ class RunContext:
         "The teacher behind the run's call cache (built on first use)."
         if not isinstance(self._teacher, CachedEngine):
             eng = self._teacher if self._teacher is not None else make_engine(self.cfg.teacher)
-            self._teacher = CachedEngine(eng, self.cache_path, progress=self.progress)
+            self._teacher = CachedEngine(eng, self.cache_path, progress=self.progress, budget=self.budget)
         return self._teacher
 
     @property
@@ -739,17 +973,38 @@ def _read_schema(arg: str) -> dict:
     return schema
 
 
-def generate_cli(argv: list[str] | None = None) -> int:
-    "compeffdist generate: prompts in, completions and tokens/s out."
+def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
+    "Rows of a requests file: each a JSON object with `prompt` (a string) or `messages` (a conversation)."
+    from compeffdist.core import read_jsonl
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        ok = isinstance(r, dict) and (isinstance(r.get("prompt"), str) or isinstance(r.get("messages"), list))
+        if not ok:
+            raise CompeffdistError(f"{path}:{i}: a request needs \"prompt\" (a string) or \"messages\" (a list)")
+        try:
+            _check_batch([row_messages(r)])
+        except CompeffdistError:
+            raise CompeffdistError(f"{path}:{i}: \"messages\" must be a non-empty list of {{role, content}}") from None
+    return rows
+
+
+def row_messages(row: dict) -> Messages:
+    "The conversation of a requests-file row."
+    return row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
+
+# %% ../nbs/01_engines.ipynb #16bcaa06
+def _generate_parser():
     import argparse
-    from compeffdist.core import load_config
     ap = argparse.ArgumentParser(prog="compeffdist generate", description="Generate with a model and print tokens/s.")
     ap.add_argument("--config", help="YAML config to take the model from (with --role)")
     ap.add_argument("--role", default="teacher", choices=["teacher", "student"])
     ap.add_argument("--model", help="model spec (alias, .gguf, folder, hub id); overrides the config")
     ap.add_argument("--engine", choices=list(ENGINES), help="engine; overrides the config")
     ap.add_argument("--base-url", help="openai engine: server URL")
+    ap.add_argument("--parallel", type=int, help="requests decoded at once (llamacpp: server slots; openai: in flight)")
     ap.add_argument("--prompt", action="append", default=[], help="a user prompt (repeatable)")
+    ap.add_argument("--prompts", metavar="IN.jsonl", help='requests, one {"prompt": ...} or {"messages": [...]} a line')
+    ap.add_argument("--output", metavar="OUT.jsonl", help="with --prompts: the same rows with \"output\" added")
     ap.add_argument("--sentibench-texts", type=int, default=0,
                     help="also ask for the sentiment of N SentiBench SST-2 test sentences")
     ap.add_argument("--texts", metavar="FILE",
@@ -759,9 +1014,13 @@ def generate_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json-schema", help="a JSON schema (string or file) the answer must follow")
     ap.add_argument("--choice", help="comma-separated choices the answer must be one of")
-    ap.add_argument("--cache", default=".cache/calls.sqlite", help="SQLite call cache")
-    ap.add_argument("--threads", type=int, help="CPU threads (llama.cpp n_threads, torch threads); on a busy machine 1 is fastest")
-    a = ap.parse_args(argv)
+    ap.add_argument("--cache", help="SQLite call cache (default: none, every call is made)")
+    ap.add_argument("--threads", type=int, help="CPU threads (llama.cpp n_threads, torch threads)")
+    return ap
+
+
+def _cli_model(a, ap) -> ModelConfig:
+    from compeffdist.core import load_config
     if a.config:
         mc = getattr(load_config(a.config), a.role)
         mc = mc.model_copy(update={k: v for k, v in {"model": a.model, "engine": a.engine, "base_url": a.base_url}.items() if v})
@@ -769,36 +1028,63 @@ def generate_cli(argv: list[str] | None = None) -> int:
         mc = ModelConfig(model=a.model, engine=a.engine or "hf", base_url=a.base_url)
     else:
         ap.error("give --model or --config")
+    if a.parallel is not None:
+        if a.parallel < 1: raise CompeffdistError(f"--parallel must be at least 1, got {a.parallel}")
+        mc = mc.model_copy(update={"parallel": a.parallel, "max_concurrency": a.parallel})
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
         mc = mc.model_copy(update={"n_threads": a.threads})
-    prompts = list(a.prompt)
+    return mc
+
+# %% ../nbs/01_engines.ipynb #04b1b074
+def _cli_rows(a, ap) -> list[dict]:
+    rows = [{"prompt": p} for p in a.prompt]
+    if a.prompts:
+        rows += read_prompt_rows(a.prompts)
+    elif a.output:
+        raise CompeffdistError("--output needs --prompts")
     if a.sentibench_texts:
         from compeffdist.data import load_sentibench
-        prompts += [f"What is the sentiment of this sentence, and why? Sentence: {r['sentence']}"
-                    for r in load_sentibench("sc/sst2", "test")[:a.sentibench_texts]]
+        rows += [{"prompt": f"What is the sentiment of this sentence, and why? Sentence: {r['sentence']}"}
+                 for r in load_sentibench("sc/sst2", "test")[:a.sentibench_texts]]
     if a.texts:
-        prompts += [f"What is the sentiment of this text, and why? Text: {t}" for t in _file_texts(a.texts, a.limit)]
-    if not prompts:
-        ap.error("give --prompt, --texts or --sentibench-texts")
-    constraint = None
+        rows += [{"prompt": f"What is the sentiment of this text, and why? Text: {t}"} for t in _file_texts(a.texts, a.limit)]
+    if not rows:
+        ap.error("give --prompt, --prompts, --texts or --sentibench-texts")
+    return rows
+
+
+def _cli_constraint(a) -> Constraint | None:
     if a.choice:
         choices = tuple(c.strip() for c in a.choice.split(",") if c.strip())
         if not choices:
             raise CompeffdistError("--choice needs at least one non-empty choice")
-        constraint = Constraint(choice=choices)
-    elif a.json_schema:
-        constraint = Constraint(json_schema=_read_schema(a.json_schema))
+        return Constraint(choice=choices)
+    return Constraint(json_schema=_read_schema(a.json_schema)) if a.json_schema else None
+
+# %% ../nbs/01_engines.ipynb #c09ed681
+def generate_cli(argv: list[str] | None = None) -> int:
+    "compeffdist generate: prompts in, completions and tokens/s out."
+    from compeffdist.core import write_jsonl
+    ap = _generate_parser()
+    a = ap.parse_args(argv)
+    mc, rows, constraint = _cli_model(a, ap), _cli_rows(a, ap), _cli_constraint(a)
     t0 = time.perf_counter()
     eng = open_engine(mc, a.cache)
-    print(f"loaded {mc.model} on {mc.engine} in {time.perf_counter() - t0:.1f}s")
-    res = eng.generate([[{"role": "user", "content": p}] for p in prompts],
-                       SamplingParams(temperature=a.temperature, max_new_tokens=a.max_new_tokens), constraint)
-    for p, r in zip(prompts, res):
-        print(f"\n> {p}\n{r[0].text}")
+    print(f"loaded {mc.model} on {mc.engine} in {time.perf_counter() - t0:.1f}s", flush=True)
+    try:
+        res = eng.generate([row_messages(r) for r in rows],
+                           SamplingParams(temperature=a.temperature, max_new_tokens=a.max_new_tokens), constraint)
+    finally:
+        eng.close()
+    if a.output:
+        write_jsonl(a.output, [{**r, "output": g[0].text, "finish_reason": g[0].finish_reason} for r, g in zip(rows, res)])
+        print(f"wrote {len(rows)} rows to {a.output}")
+    else:
+        for r, g in zip(rows, res):
+            print(f"\n> {row_messages(r)[-1]['content']}\n{g[0].text}")
     s = eng.stats
-    print(f"\n{len(prompts)} prompts: {s.misses} generated, {s.hits} from cache; {s.completion_tokens} new tokens "
-          f"in {s.seconds:.1f}s = {s.tokens_per_s:.1f} tok/s")
-    eng.close()
-    return 0
+    print(f"\n{len(rows)} prompts: {s.misses} generated, {s.hits} from cache, {s.errors} failed; "
+          f"{s.completion_tokens} new tokens in {s.seconds:.1f}s = {s.tokens_per_s:.1f} tok/s")
+    return 1 if s.errors else 0

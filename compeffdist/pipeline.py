@@ -22,13 +22,13 @@ import yaml
 
 from .core import (CompeffdistError, Config, RunStore, StageStats, atomic_write, config_hash,
                               load_config, package_versions, seed_everything, stable_hash, write_json)
-from .engines import CachedEngine, RunContext
+from .engines import BudgetSpent, CachedEngine, CallCache, RunContext, TeacherBudget
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'ALIASES', 'Stage', 'get_stage', 'stage_function', 'stage_config', 'fingerprints', 'Step',
            'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'run_stage', 'run_lock', 'write_run_files',
-           'run_pipeline', 'ReplayEngine', 'record_calls', 'make_tiny_student', 'demo_config_path', 'run_cli',
-           'demo_cli']
+           'sync_calls', 'run_pipeline', 'ReplayEngine', 'record_calls', 'make_tiny_student', 'demo_config_path',
+           'run_cli', 'demo_cli']
 
 # %% ../nbs/19_pipeline.ipynb #f048269c
 @dataclass(frozen=True)
@@ -283,16 +283,35 @@ def write_run_files(store: RunStore, cfg: Config) -> None:
                                          "fingerprints": fingerprints(cfg), "versions": package_versions()})
 
 
+def sync_calls(ctx: RunContext, direction: str, echo: Callable | None = None) -> int:
+    """Keep `run.calls_jsonl` (a text copy of the call cache, for version control) in step with the cache:
+    `"in"` adds its calls to the cache, `"out"` rewrites it from the cache. Returns the calls moved."""
+    path = ctx.cfg.run.calls_jsonl
+    if not path or (direction == "in" and not Path(path).is_file()) or (direction == "out" and not ctx.cache_path.is_file()):
+        return 0
+    cache = CallCache(ctx.cache_path)
+    try:
+        n = cache.import_jsonl(path) if direction == "in" else cache.export_jsonl(path)
+    finally:
+        cache.close()
+    if direction == "in":
+        _log(ctx.store, f"call cache: {n} calls added from {path}", echo)
+    return n
+
+
 def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: str | None = None,
                  force: str | None = None, teacher=None, embedder=None, functions: dict | None = None,
-                 progress: bool = True, report: bool = True, echo: Callable | None = print) -> list[Step]:
-    "Run the stages of `cfg` that are not finished (resumable); write the manifests and the report."
+                 progress: bool = True, report: bool = True, echo: Callable | None = print,
+                 budget: TeacherBudget | None = None) -> list[Step]:
+    """Run the stages of `cfg` that are not finished (resumable); write the manifests and the report.
+    With a `budget`, the run stops cleanly between teacher calls once it is spent (`BudgetSpent`)."""
     store = RunStore(cfg.run.out)
     with run_lock(store.root):
         steps = plan_run(cfg, store, stages, until, force)
         todo = [s for s in steps if s.action == "run"]
         fns = {s.name: (functions or {}).get(s.name) or stage_function(s.stage) for s in todo}
-        ctx = RunContext(cfg, store, teacher=teacher, embedder=embedder, progress=progress)
+        ctx = RunContext(cfg, store, teacher=teacher, embedder=embedder, progress=progress, budget=budget)
+        sync_calls(ctx, "in", echo)
         if any(s.stage.uses_sentibench(cfg) for s in todo):
             ctx.sentibench  # a clear error now, not after an hour of teacher calls
         for s in todo:
@@ -309,6 +328,9 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
                 _log(store, f"{where} start ({step.reason})", echo)
                 try:
                     step.manifest = run_stage(ctx, step, fns[step.name])
+                except BudgetSpent as e:
+                    _log(store, f"{where} stopped: {e}", echo)
+                    raise BudgetSpent(f"stage {step.name}: {e}; run the same command to continue") from None
                 except CompeffdistError as e:
                     _log(store, f"{where} failed: {e}", None)
                     raise CompeffdistError(f"stage {step.name}: {e}") from None
@@ -318,11 +340,13 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
                 write_run_files(store, cfg)  # the config the finished stages belong to (not before: a run that
                 # fails in its first stage leaves the folder describing its previous config)
                 _log(store, f"{where} done in {step.manifest['seconds']:.1f}s{_teacher_line(step.manifest)}", echo)
+                if _teacher(ctx): sync_calls(ctx, "out")
                 later = [s for s in todo if STAGE_NAMES.index(s.name) > STAGE_NAMES.index(step.name)]
                 if teacher is None and _teacher(ctx) and not any(s.stage.uses_teacher(cfg) for s in later):
                     _teacher(ctx).close(); ctx._teacher = None  # free its memory for the student
         finally:
             ctx.close()
+            sync_calls(ctx, "out")
         write_run_files(store, cfg)
         if report:
             from compeffdist.report import write_report
@@ -331,7 +355,7 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
     return steps
 
 # %% ../nbs/19_pipeline.ipynb #fe3d3aa4
-from .engines import Engine, Generation
+from .engines import Engine, Generation, per_request
 
 
 def _request_text(messages) -> str:
@@ -384,10 +408,10 @@ class ReplayEngine(Engine):
         return max(pool, key=lambda c: len(os.path.commonprefix([text, _request_text(c["messages"])])))
 
     def generate_iter(self, batch, params, constraint=None):
-        for i, m in enumerate(batch):
-            gens = self._answer(m, constraint)["generations"]
+        for i, (m, (p, c)) in enumerate(zip(batch, per_request(batch, params, constraint))):
+            gens = self._answer(m, c)["generations"]
             yield i, [Generation(**{k: v for k, v in gens[j % len(gens)].items() if k != "cached"})
-                      for j in range(params.n)]
+                      for j in range(p.n)]
 
 def record_calls(cache: str | os.PathLike, dest: str | os.PathLike, model: str | None = None) -> int:
     "Write the calls of a call cache (of one `model` identity, or all) as JSON lines for `ReplayEngine.from_jsonl`."
@@ -450,6 +474,8 @@ def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParse
     ap.add_argument("--plan", action="store_true", help="print what would run and why, then stop")
     ap.add_argument("--report-only", action="store_true", help="only (re)write the report of the run folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--max-calls", type=int, metavar="N", help="stop cleanly after N new teacher calls")
+    ap.add_argument("--max-minutes", type=float, metavar="M", help="stop cleanly between teacher calls after M minutes")
     return ap
 
 
@@ -467,7 +493,16 @@ def _run_from_args(a, config_path: Path) -> int:
             from compeffdist.report import write_report
             print(f"report: {write_report(store.root)}")
         return 0
-    run_pipeline(cfg, stages=a.stages, until=a.until, force=a.force, progress=not a.quiet)
+    budget = None
+    if a.max_calls is not None or a.max_minutes is not None:
+        if (a.max_calls or 0) < 0 or (a.max_minutes or 0) < 0:
+            raise CompeffdistError("--max-calls and --max-minutes cannot be negative")
+        budget = TeacherBudget(max_calls=a.max_calls, max_minutes=a.max_minutes)
+    try:
+        run_pipeline(cfg, stages=a.stages, until=a.until, force=a.force, progress=not a.quiet, budget=budget)
+    except BudgetSpent as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -20,15 +20,16 @@ from compeffdist.engines import (CachedEngine, CallCache, Constraint, FakeEngine
 # every call the engine actually makes (before the cache stores it), and write the results at the end.
 WORKER = textwrap.dedent('''
     import json, os, sys, time
-    from compeffdist.engines import CachedEngine, Engine, FakeEngine, LlamaCppEngine, SamplingParams, request_key
+    from compeffdist.engines import CachedEngine, Engine, FakeEngine, LlamaCppEngine, SamplingParams, per_request, request_key
 
     class Logged(Engine):
         "Delegates to `inner`, appending the key of every call it makes to a log file."
         def __init__(self, inner, log):
             self.inner, self.log, self.name, self.ref = inner, open(log, "a"), inner.name, inner.ref
         def generate_iter(self, batch, params, constraint=None):
+            reqs = per_request(batch, params, constraint)
             for i, gens in self.inner.generate_iter(batch, params, constraint):
-                self.log.write(request_key(self.identity, batch[i], params, constraint) + "\\n"); self.log.flush()
+                self.log.write(request_key(self.identity, batch[i], *reqs[i]) + "\\n"); self.log.flush()
                 yield i, gens
 
     kind, cache, log, out, n, tokens = sys.argv[1:7]

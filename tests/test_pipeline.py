@@ -17,7 +17,7 @@ import pytest
 
 from compeffdist.core import (CompeffdistError, Config, DataConfig, ModelConfig, RunConfig, RunStore, StageStats,
                               read_json, read_jsonl, write_json, write_jsonl)
-from compeffdist.engines import FakeEngine, SamplingParams, request_key
+from compeffdist.engines import FakeEngine, SamplingParams, per_request, request_key
 from compeffdist import pipeline
 from compeffdist.pipeline import STAGE_NAMES, Stage, fingerprints, plan_run, run_pipeline, stage_function
 
@@ -44,11 +44,11 @@ class LoggingFake(FakeEngine):
         self.log = log
 
     def generate_iter(self, batch, params, constraint=None):
-        for j, m in enumerate(batch):
+        for j, (m, (p, c)) in enumerate(zip(batch, per_request(batch, params, constraint))):
             if self.log:
                 with open(self.log, "a") as f:
-                    f.write(request_key(self.identity, list(m), params, constraint) + "\n")
-            for _, gens in super().generate_iter([m], params, constraint):
+                    f.write(request_key(self.identity, list(m), p, c) + "\n")
+            for _, gens in super().generate_iter([m], p, c):
                 yield j, gens
 
 

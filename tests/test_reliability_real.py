@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from compeffdist.core import RunStore, load_config
-from compeffdist.engines import Engine, Generation, request_key
+from compeffdist.engines import Engine, Generation, per_request, request_key
 from compeffdist.pipeline import (STAGE_NAMES, ReplayEngine, demo_config_path, make_tiny_student, run_pipeline)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +52,14 @@ class FuzzedEngine(Engine):
         return f"fuzzed{self.rate}-{self.inner.identity}"
 
     def generate_iter(self, batch, params, constraint=None):
-        for i, m in enumerate(batch):
-            key = request_key(self.identity, list(m), params, constraint)
+        for i, (m, (p, c)) in enumerate(zip(batch, per_request(batch, params, constraint))):
+            key = request_key(self.identity, list(m), p, c)
             if self.log:
                 with open(self.log, "a") as f:
                     f.write(key + "\n")
             if self.delay:
                 time.sleep(self.delay)
-            gens = next(iter(self.inner.generate_iter([m], params, constraint)))[1]
+            gens = next(iter(self.inner.generate_iter([m], p, c)))[1]
             h = int(hashlib.sha1(f"{self.seed}:{key}".encode()).hexdigest(), 16)
             if h % 10_000 < self.rate * 10_000:
                 kind = sorted(MALFORMED)[h % len(MALFORMED)]
