@@ -28,7 +28,7 @@ def test_macro_f1_is_sklearns():
 
 def test_bootstrap_on_real_labels(sentibench_root, tmp_path):
     datasets = ["sc/sst2", "multifaced/irony18"]
-    cfg = load_config(ROOT / "configs" / "replication.yaml",
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml",
                       {"evaluation.datasets": datasets, "evaluation.limit": 20, "evaluation.seeds": [42]})
     golds = {d: [x.gold for x in build_examples(d, 4, 42, 20, 1200)] for d in datasets}
     dirs = {"difficulty_10": tmp_path / "perfect", "random_10": tmp_path / "constant"}
@@ -47,11 +47,11 @@ def test_bootstrap_on_real_labels(sentibench_root, tmp_path):
 
 
 def test_eval_args_follow_the_config():
-    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml")
     args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
     assert args[args.index("--limit") + 1] == "50" and args[args.index("--max-chars") + 1] == "1200"
     assert args[args.index("--datasets") + 1].split(",") == cfg.evaluation.datasets
-    cfg = load_config(ROOT / "configs" / "replication.yaml",
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml",
                       {"evaluation.datasets": "all", "evaluation.limit": None, "evaluation.max_chars": None})
     args = replicate.eval_args(cfg, "m", "n", ROOT / "out")
     assert args[args.index("--datasets") + 1] == "all" and "--limit" not in args and "--max-chars" not in args
@@ -59,7 +59,7 @@ def test_eval_args_follow_the_config():
 
 def test_the_mean_over_draws_is_bootstrapped_as_one_model(sentibench_root, tmp_path):
     datasets = ["sc/sst2"]
-    cfg = load_config(ROOT / "configs" / "replication.yaml",
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml",
                       {"evaluation.datasets": datasets, "evaluation.limit": 30, "evaluation.seeds": [42]})
     gold = [x.gold for x in build_examples(datasets[0], 4, 42, 30, 1200)]
     wrong = {"positive": "negative", "negative": "positive"}
@@ -80,16 +80,16 @@ def test_the_mean_over_draws_is_bootstrapped_as_one_model(sentibench_root, tmp_p
 
 
 def test_another_limit_is_evaluated_in_its_own_folder(tmp_path):
-    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml")
     assert replicate.eval_dir(cfg, cfg.evaluation.limit, tmp_path / "eval") == tmp_path / "eval"
-    cfg100 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 100})
+    cfg100 = load_config(ROOT / "configs" / "replication-v1.yaml", {"evaluation.limit": 100})
     assert replicate.eval_dir(cfg100, cfg.evaluation.limit, tmp_path / "eval") == tmp_path / "eval_limit100"
 
 
 def test_an_interrupted_evaluation_is_not_finished(tmp_path):
     from compeffdist.core import write_json
     over = {"evaluation.datasets": ["sc/sst2", "sc/imdb"], "evaluation.seeds": [42, 52]}
-    cfg = load_config(ROOT / "configs" / "replication.yaml", over)
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml", over)
     path = tmp_path / "m.json"
     assert not replicate.finished(cfg, path)
     res = {"protocol": {"limit": 50}, "datasets": {"sc/sst2": {"seeds": {"42": {}, "52": {}}}, "sc/imdb": {"seeds": {"42": {}}}}}
@@ -98,25 +98,25 @@ def test_an_interrupted_evaluation_is_not_finished(tmp_path):
     res["datasets"]["sc/imdb"]["seeds"]["52"] = {}
     write_json(path, res)
     assert replicate.finished(cfg, path)
-    assert not replicate.finished(load_config(ROOT / "configs" / "replication.yaml", over | {"evaluation.limit": 100}), path)
+    assert not replicate.finished(load_config(ROOT / "configs" / "replication-v1.yaml", over | {"evaluation.limit": 100}), path)
 
 
 def test_a_larger_limit_reuses_the_largest_earlier_evaluation(tmp_path):
-    cfg200 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 200})
+    cfg200 = load_config(ROOT / "configs" / "replication-v1.yaml", {"evaluation.limit": 200})
     default = tmp_path / "eval"
     for folder in ("eval", "eval_limit100", "eval_limit400", "eval_limitx"):
         (tmp_path / folder / "predictions" / "m").mkdir(parents=True)
     (tmp_path / "eval_limit150").mkdir()  # no predictions of m in it
     assert replicate.earlier_dir(cfg200, 50, default, "m") == tmp_path / "eval_limit100"
     assert replicate.earlier_dir(cfg200, 50, default, "other") == default  # nothing to reuse: the default folder
-    cfg100 = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 100})
+    cfg100 = load_config(ROOT / "configs" / "replication-v1.yaml", {"evaluation.limit": 100})
     assert replicate.earlier_dir(cfg100, 50, default, "m") == default
 
 
 def test_evaluate_copies_the_largest_earlier_predictions_then_runs_the_cli(tmp_path, monkeypatch):
     from compeffdist.core import write_json
     over = {"evaluation.datasets": ["sc/sst2"], "evaluation.seeds": [42], "evaluation.limit": 200}
-    cfg = load_config(ROOT / "configs" / "replication.yaml", over)
+    cfg = load_config(ROOT / "configs" / "replication-v1.yaml", over)
     for folder, rows in (("eval", 50), ("eval_limit100", 100)):
         write_jsonl(tmp_path / folder / "predictions" / "m" / "sc_sst2.seed42.jsonl", [{"key": i} for i in range(rows)])
     calls = []
@@ -137,9 +137,9 @@ def test_evaluate_copies_the_largest_earlier_predictions_then_runs_the_cli(tmp_p
 
 
 def _config_in(tmp_path):
-    "configs/replication.yaml with its run folder under tmp_path."
+    "configs/replication-v1.yaml with its run folder under tmp_path."
     import yaml
-    data = yaml.safe_load((ROOT / "configs" / "replication.yaml").read_text())
+    data = yaml.safe_load((ROOT / "configs" / "replication-v1.yaml").read_text())
     data["run"]["out"] = str(tmp_path / "run")
     path = tmp_path / "replication.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -156,7 +156,7 @@ def test_variants_need_the_run_up_to_its_difficulty_stage(tmp_path):
 
 
 def test_a_pass_overrides_the_limit_and_the_seeds():
-    config = ROOT / "configs" / "replication.yaml"
+    config = ROOT / "configs" / "replication-v1.yaml"
     cfg = replicate.pass_config(config)
     assert (cfg.evaluation.limit, cfg.evaluation.seeds) == (50, [42])
     cfg = replicate.pass_config(config, limit=200, seeds="43,44")

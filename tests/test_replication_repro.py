@@ -1,0 +1,48 @@
+"""A replication that accumulates: what makes it repeatable from the repository alone.
+
+- the same training data and seed give the same student weights, bit for bit, on the same machine;
+- `configs/replication.yaml` names a committed text copy of its call cache (`run.calls_jsonl`), and a run from
+  that copy alone rebuilds the corpus without one new teacher call (checked on the first stages here; the whole
+  corpus is checked by `tools/replicate.py corpus --check`).
+"""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from compeffdist.core import load_config
+from compeffdist.pipeline import make_tiny_student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(model_dir.glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_retraining_gives_the_same_weights(tmp_path):
+    student = make_tiny_student(tmp_path / "tiny")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Sentiment of review {i}: {'good' if i % 2 else 'bad'} food?",
+                                        "output": "positive" if i % 2 else "negative"}) + "\n" for i in range(24)))
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        cmd = [sys.executable, "-m", "compeffdist.cli", "train", "--model", str(student), "--data", str(data),
+               "--out", str(out), "--device", "cpu", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3",
+               "--seed", "7"]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        digests.append(_weights_digest(out))
+    assert digests[0] == digests[1] != ""
+
+
+def test_replication_config_keeps_its_call_cache_in_the_repository():
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    assert cfg.run.calls_jsonl and not Path(cfg.run.calls_jsonl).is_absolute()
+    assert cfg.run.calls_jsonl.startswith("results/replication/")
+    assert "runs/" in cfg.run.out  # the run folder itself (models, scored corpus) stays out of version control
