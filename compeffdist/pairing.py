@@ -115,6 +115,37 @@ def text_clusters(text_attributes: Iterable[dict], attribute_to_cluster: dict) -
     return {c: sorted(v) for c, v in out.items()}
 
 # %% ../nbs/13_pairing.ipynb #1abd736a
+def _usable_texts(texts: Iterable, stats: StageStats) -> dict:
+    "id -> text record, for the well-formed texts (first of each id)."
+    by_id = {}
+    for t in texts:
+        if isinstance(t, dict) and isinstance(t.get("text"), str) and t["text"].strip() and t.get("id") is not None:
+            by_id.setdefault(t["id"], t)
+        else:
+            stats.drop("text_malformed")
+    return by_id
+
+# %% ../nbs/13_pairing.ipynb #7c95c0d4
+def _deal(ins: dict, n: int, cfg: PairingConfig, deck: Deck, cluster_decks: dict, stats: StageStats) -> list:
+    "(text id, how it was paired) for `n` texts of one instruction."
+    picked = []
+    if cfg.method == "attribute":
+        c = cluster_decks.get(ins["cluster_id"])
+        picked = c.deal(n) if c else []
+        if len(picked) < n:
+            stats.add("attribute_fallback", n - len(picked))
+    more = deck.deal(n - len(picked), exclude=set(picked))
+    return [(t, "attribute") for t in picked] + [(t, "random" if cfg.method == "random" else "fallback") for t in more]
+
+
+def _demos(ins: dict, text: str, cfg: PairingConfig, rng: random.Random) -> list:
+    "The demonstrations of one task sample (none for an analysis prompt)."
+    if ins["kind"] != "task" or not cfg.demos_per_task:
+        return []
+    pool = [d for d in ins["demonstrations"] if d["input"].strip() != text.strip()]
+    return rng.sample(pool, min(cfg.demos_per_task, len(pool)))
+
+# %% ../nbs/13_pairing.ipynb #7dbaf0a9
 def pair_samples(instructions: Sequence[dict], texts: Sequence[dict], cfg: PairingConfig,
                  clusters: dict | None = None, stats: StageStats | None = None) -> list[dict]:
     """Pair instructions with texts: `cfg.n_samples` samples (fewer if capped), each a rendered student prompt.
@@ -123,13 +154,7 @@ def pair_samples(instructions: Sequence[dict], texts: Sequence[dict], cfg: Pairi
     instructions = clean_instructions(instructions, stats)
     if not instructions:
         raise CompeffdistError("pairing: no valid instruction to pair")
-    by_id, seen = {}, set()
-    for t in texts:
-        if isinstance(t, dict) and isinstance(t.get("text"), str) and t["text"].strip() and t.get("id") is not None:
-            if t["id"] not in seen:
-                seen.add(t["id"]); by_id[t["id"]] = t
-        else:
-            stats.drop("text_malformed")
+    by_id = _usable_texts(texts, stats)
     if not by_id:
         raise CompeffdistError("pairing: no user text to pair")
     if cfg.method == "attribute" and clusters is None:
@@ -143,28 +168,15 @@ def pair_samples(instructions: Sequence[dict], texts: Sequence[dict], cfg: Pairi
         n = min(want, len(by_id))
         if n < want:
             stats.add("capped_pairs", want - n)
-        picked, how = [], []
-        if cfg.method == "attribute":
-            c = cluster_decks.get(ins["cluster_id"])
-            picked = c.deal(n) if c else []
-            how = ["attribute"] * len(picked)
-            if len(picked) < n:
-                stats.add("attribute_fallback", n - len(picked))
-        more = deck.deal(n - len(picked), exclude=set(picked))
-        picked, how = picked + more, how + ["random" if cfg.method == "random" else "fallback"] * len(more)
-        for tid, h in zip(picked, how):
+        for tid, how in _deal(ins, n, cfg, deck, cluster_decks, stats):
             text = by_id[tid]["text"]
-            demos = []
-            if ins["kind"] == "task" and cfg.demos_per_task:
-                pool = [d for d in ins["demonstrations"] if d["input"].strip() != text.strip()]
-                demos = rng.sample(pool, min(cfg.demos_per_task, len(pool)))
             out.append({"id": stable_hash([ins["id"], tid], n=12), "instruction_id": ins["id"],
                         "cluster_id": ins["cluster_id"], "task_name": ins["task_name"], "kind": ins["kind"],
                         "task_type": ins["task_type"], "output_format": ins["output_format"], "text_id": tid,
-                        "text": text, "instruction": render_prompt(ins["instruction"], text, demos), "paired_by": h})
-    stats.add("samples_out", len(out))
-    stats.add("instructions_used", sum(1 for c in counts if c))
+                        "text": text, "instruction": render_prompt(ins["instruction"], text, _demos(ins, text, cfg, rng)),
+                        "paired_by": how})
     use = Counter(s["text_id"] for s in out)
+    stats.add("samples_out", len(out)); stats.add("instructions_used", sum(1 for c in counts if c))
     stats.add("texts_used", len(use))
     stats.info.update({"method": cfg.method, "by_kind": dict(Counter(s["kind"] for s in out)),
                        "per_instruction": {"min": min(counts), "max": max(counts)},

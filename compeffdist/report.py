@@ -16,14 +16,13 @@ from pathlib import Path
 import yaml
 
 from .core import CompeffdistError, read_json
-from .pipeline import STAGES, Stage
 
 # %% auto #0
-__all__ = ['count_records', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows', 'cache_summary', 'model_rows',
-           'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores', 'plot_difficulty', 'plot_sampling',
-           'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html', 'write_report']
+__all__ = ['count_records', 'runner_stages', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows', 'cache_summary',
+           'model_rows', 'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores', 'plot_difficulty',
+           'plot_sampling', 'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html', 'write_report']
 
-# %% ../nbs/19a_report.ipynb #a09819a7
+# %% ../nbs/19a_report.ipynb #49c4dcab
 def count_records(path: Path) -> int | None:
     "Number of records in a JSON-lines file (None if it does not exist)."
     if not path.is_file():
@@ -44,36 +43,42 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def load_run(root: str | Path) -> dict:
-    "What the report reads: config (dict), run info, and each stage's manifest and status."
-    root = Path(root)
+def runner_stages() -> list:
+    "The runner's stage list (`compeffdist.pipeline.STAGES`), for a report built without one."
+    from compeffdist.pipeline import STAGES
+    return STAGES
+
+
+def load_run(root: str | Path, stages: list | None = None) -> dict:
+    "What the report reads: config (dict), run info, and each stage of `stages` with its manifest and status."
+    root, stages = Path(root), stages if stages is not None else runner_stages()
     if not (root / "config.yaml").is_file():
         raise CompeffdistError(f"{root}: not a run folder (no config.yaml)")
     cfg = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
     run = read_json(root / "run.json") if (root / "run.json").is_file() else {}
     fps = run.get("fingerprints", {})
-    stages = {}
-    for s in STAGES:
+    by_name = {}
+    for s in stages:
         try:
             m = read_json(root / s.name / "manifest.json") if (root / s.name / "manifest.json").is_file() else None
         except CompeffdistError:
             m = None
         status = "not run" if m is None else "finished" if m.get("fingerprint") == fps.get(s.name) else "stale"
-        stages[s.name] = {"stage": s, "manifest": m, "status": status}
-    return {"root": root, "config": cfg, "run": run, "stages": stages}
+        by_name[s.name] = {"stage": s, "manifest": m, "status": status}
+    return {"root": root, "config": cfg, "run": run, "stages": by_name}
 
-# %% ../nbs/19a_report.ipynb #49c4dcab
+# %% ../nbs/19a_report.ipynb #037215ed
 def _fmt_counter(d: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
 
 
-def _main_count(root: Path, stage: Stage | None) -> int | None:
+def _main_count(root: Path, stage) -> int | None:
     return count_records(root / stage.name / stage.main) if stage is not None and stage.main else None
 
 
 def flow_rows(run: dict) -> list[list]:
     "Per stage: status, seconds, records in (its first upstream's main artefact) and out, counts, drops."
-    by_name = {s.name: s for s in STAGES}
+    by_name = {n: st["stage"] for n, st in run["stages"].items()}
     rows = []
     for name, st in run["stages"].items():
         s, m = st["stage"], st["manifest"]
@@ -87,7 +92,7 @@ def flow_rows(run: dict) -> list[list]:
                      _fmt_counter(stats.get("counts", {})), _fmt_counter(stats.get("drops", {}))])
     return rows
 
-
+# %% ../nbs/19a_report.ipynb #5851da29
 def decontamination_rows(run: dict) -> list[list]:
     "User texts excluded per SentiBench dataset (every dataset listed, 0 where none matched)."
     from compeffdist.data import SENTIBENCH
@@ -128,7 +133,7 @@ def cache_summary(run: dict) -> dict[str, int]:
     except sqlite3.Error:
         return {}
 
-
+# %% ../nbs/19a_report.ipynb #e9a92e9a
 def model_rows(run: dict) -> list[list]:
     "Teacher, student and embedder of the config."
     c = run["config"]
@@ -186,7 +191,7 @@ def plot_flow(run: dict, path: Path) -> Path | None:
     ax.set_xlabel("records"); ax.set_title("Records out of each stage")
     return _save(fig, path)
 
-
+# %% ../nbs/19a_report.ipynb #5ec3751c
 def difficulty_scores(run: dict) -> list[dict]:
     "The `difficulty` dict of every scored sample."
     return [r.get("difficulty") or {} for r in _jsonl(run["root"] / "difficulty" / "scored.jsonl")]
@@ -209,7 +214,7 @@ def plot_difficulty(run: dict, path: Path) -> Path | None:
     fig.suptitle("Difficulty of the teacher's samples for the warm-up student", y=1.04)
     return _save(fig, path)
 
-
+# %% ../nbs/19a_report.ipynb #09cac49f
 def plot_sampling(run: dict, path: Path) -> Path | None:
     "Difficulty of all scored samples vs. the kept ones, and the kept share per difficulty decile."
     from matplotlib.figure import Figure
@@ -236,19 +241,7 @@ def plot_sampling(run: dict, path: Path) -> Path | None:
     fig.suptitle("Difficulty-prioritised sampling", y=1.02)
     return _save(fig, path)
 
-# %% ../nbs/19a_report.ipynb #5ec3751c
-def _sentibench_blocks(run: dict) -> list:
-    root, out = run["root"], []
-    table = root / "evaluation" / "table.md"
-    if table.is_file():
-        out += markdown_table_blocks(table.read_text(encoding="utf-8"))
-    else:
-        out.append(("p", "The evaluation stage has not run."))
-    if (root / "evaluation" / "scores.png").is_file():
-        out.append(("img", "evaluation/scores.png", "SentiBench scores"))
-    return out
-
-
+# %% ../nbs/19a_report.ipynb #9cce6f47
 def markdown_table_blocks(text: str) -> list:
     "Blocks of a Markdown text holding pipe tables (tables become table blocks, other lines paragraphs)."
     blocks, lines = [], text.splitlines()
@@ -271,38 +264,55 @@ def markdown_table_blocks(text: str) -> list:
     return blocks
 
 
-def build_report(root: str | Path) -> list:
-    "The report of a run folder, as blocks (writes its plots under `<root>/report/`)."
-    run = load_run(root)
+def _sentibench_blocks(run: dict) -> list:
+    root, out = run["root"], []
+    table = root / "evaluation" / "table.md"
+    if table.is_file():
+        out += markdown_table_blocks(table.read_text(encoding="utf-8"))
+    else:
+        out.append(("p", "The evaluation stage has not run."))
+    if (root / "evaluation" / "scores.png").is_file():
+        out.append(("img", "evaluation/scores.png", "SentiBench scores"))
+    return out
+
+# %% ../nbs/19a_report.ipynb #07e5394d
+def _head_blocks(run: dict) -> list:
     root, c, info = run["root"], run["config"], run["run"]
-    figs = root / "report"
     done = sum(st["status"] == "finished" for st in run["stages"].values())
     versions = info.get("versions", {})
     b: list = [("h", 1, f"COMPEFFDIST run report: {c.get('run', {}).get('name', root.name)}"),
-               ("p", f"A dataset card of the run folder `{root}`: how its distillation data was made, what each "
+               ("p", f"A dataset card of the run folder `{root.name}`: how its distillation data was made, what each "
                      f"stage kept and dropped and why, what the teacher cost, and how the students score."),
                ("table", ["", ""], [["config hash", f"`{info.get('config_hash', '?')}`"],
-                                    ["stages finished", f"{done} of {len(STAGES)}"],
+                                    ["stages finished", f"{done} of {len(run['stages'])}"],
                                     ["seed", c.get("run", {}).get("seed")],
                                     ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())]]),
                ("h", 2, "Models"), ("table", ["role", "model", "engine"], model_rows(run))]
     if rows := card_rows(run):
         b += [("h", 3, "Students trained in this run"), ("table", ["", "warm-up student", "distilled student"], rows)]
-    b += [("h", 2, "Data flow"),
-          ("p", "Records in are the upstream stage's main artefact, records out the stage's own; drops are "
-                "counted by reason by the stage itself. A *stale* stage finished under another config."),
-          ("table", ["stage", "status", "seconds", "records in", "records out", "counts", "drops by reason"],
-           flow_rows(run))]
+    return b
+
+
+def _flow_blocks(run: dict, figs: Path) -> list:
+    root = run["root"]
+    b = [("h", 2, "Data flow"),
+         ("p", "Records in are the upstream stage's main artefact, records out the stage's own; drops are "
+               "counted by reason by the stage itself. A *stale* stage finished under another config."),
+         ("table", ["stage", "status", "seconds", "records in", "records out", "counts", "drops by reason"],
+          flow_rows(run))]
     if p := plot_flow(run, figs / "flow.png"):
         b.append(("img", p.relative_to(root).as_posix(), "Records out of each stage"))
     rows = decontamination_rows(run)
     n = sum(r[1] for r in rows)
-    b += [("h", 2, "Decontamination"),
-          ("p", f"{n} user texts matched a SentiBench test text (exactly, or after normalising case, punctuation "
-                f"and whitespace) and were excluded before any teacher call." if run["stages"]["texts"]["manifest"]
-                else "The texts stage has not run."),
-          ("table", ["SentiBench dataset", "user texts excluded"], rows)]
-    b += [("h", 2, "Teacher cost")]
+    return b + [("h", 2, "Decontamination"),
+                ("p", f"{n} user texts matched a SentiBench test text (exactly, or after normalising case, "
+                      f"punctuation and whitespace) and were excluded before any teacher call."
+                      if run["stages"]["texts"]["manifest"] else "The texts stage has not run."),
+                ("table", ["SentiBench dataset", "user texts excluded"], rows)]
+
+# %% ../nbs/19a_report.ipynb #a14f48ab
+def _cost_blocks(run: dict) -> list:
+    b = [("h", 2, "Teacher cost")]
     if rows := teacher_rows(run):
         b.append(("table", ["stage", "generated", "from cache", "failed", "prompt tokens", "completion tokens",
                             "seconds", "tokens/s"], rows))
@@ -310,7 +320,11 @@ def build_report(root: str | Path) -> list:
         b.append(("p", "No teacher call was recorded."))
     if cache := cache_summary(run):
         b.append(("p", "Call cache: " + ", ".join(f"{v} stored calls of `{k}`" for k, v in cache.items()) + "."))
-    b.append(("h", 2, "Difficulty"))
+    return b
+
+
+def _data_blocks(run: dict, figs: Path) -> list:
+    root, b = run["root"], [("h", 2, "Difficulty")]
     scores = difficulty_scores(run)
     if p := plot_difficulty(run, figs / "difficulty.png"):
         b += [("p", f"{len(scores)} samples scored by the warm-up student."),
@@ -319,27 +333,36 @@ def build_report(root: str | Path) -> list:
         b.append(("p", "The difficulty stage has not run."))
     b.append(("h", 2, "Sampling"))
     if p := plot_sampling(run, figs / "sampling.png"):
-        s = c.get("sampling", {})
+        s = run["config"].get("sampling", {})
         kept = count_records(root / "sampling" / "kept.jsonl")
         b += [("p", f"Kept {kept} of {len(scores)} samples (method `{s.get('method')}`, rate {s.get('rate')}, "
                     f"a = {s.get('a')}, grouped by {s.get('group')}, key `{s.get('key')}`)."),
               ("img", p.relative_to(root).as_posix(), "Difficulty-prioritised sampling")]
     else:
         b.append(("p", "The sampling stage has not run."))
-    b += [("h", 2, "SentiBench")] + _sentibench_blocks(run)
-    b += [("h", 2, "Stage details")]
+    return b + [("h", 2, "SentiBench")] + _sentibench_blocks(run)
+
+
+def _detail_blocks(run: dict) -> list:
+    b = [("h", 2, "Stage details")]
     for name, st in run["stages"].items():
         info_ = {k: v for k, v in ((st["manifest"] or {}).get("stats", {}).get("info", {}) or {}).items()
                  if k not in ("files", "teacher")}
         if info_:
             text = json.dumps(info_, indent=1, ensure_ascii=False, default=str)
             b.append(("details", name, text if len(text) < 4000 else text[:4000] + "\n…"))
-    cfg_text = (root / "config.yaml").read_text(encoding="utf-8")
-    b += [("h", 2, "Config"), ("code", cfg_text),
-          ("h", 2, "Artefacts"), ("table", ["stage", "file", "bytes", "sha256"], artefact_rows(run))]
-    return b
+    cfg_text = (run["root"] / "config.yaml").read_text(encoding="utf-8")
+    return b + [("h", 2, "Config"), ("code", cfg_text),
+                ("h", 2, "Artefacts"), ("table", ["stage", "file", "bytes", "sha256"], artefact_rows(run))]
 
-# %% ../nbs/19a_report.ipynb #9cce6f47
+
+def build_report(root: str | Path, stages: list | None = None) -> list:
+    "The report of a run folder, as blocks (writes its plots under `<root>/report/`)."
+    run = load_run(root, stages)
+    figs = run["root"] / "report"
+    return _head_blocks(run) + _flow_blocks(run, figs) + _cost_blocks(run) + _data_blocks(run, figs) + _detail_blocks(run)
+
+# %% ../nbs/19a_report.ipynb #8c2fe801
 def _md_cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
@@ -360,7 +383,7 @@ def to_markdown(blocks: list) -> str:
             out.append(f"<details><summary>{html.escape(b[1])}</summary>\n\n```json\n{b[2]}\n```\n</details>")
     return "\n\n".join(out) + "\n"
 
-
+# %% ../nbs/19a_report.ipynb #255c57f1
 def _inline(text) -> str:
     t = html.escape(str(text))
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
@@ -398,12 +421,12 @@ def to_html(blocks: list, root: str | Path) -> str:
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
-
-def write_report(root: str | Path) -> Path:
+# %% ../nbs/19a_report.ipynb #fe5abc69
+def write_report(root: str | Path, stages: list | None = None) -> Path:
     "Write `REPORT.md`, `report.html` and the plots (`report/*.png`) of a run folder; returns the Markdown path."
     from compeffdist.core import atomic_write
     root = Path(root)
-    blocks = build_report(root)
+    blocks = build_report(root, stages)
     with atomic_write(root / "REPORT.md") as f:
         f.write(to_markdown(blocks))
     with atomic_write(root / "report.html") as f:

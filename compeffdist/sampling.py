@@ -144,7 +144,7 @@ def run_sampling(ctx) -> StageStats:
 def sample_cli(argv: list[str] | None = None) -> int:
     "compeffdist sample: difficulty-prioritised sampling of a scored JSON-lines corpus."
     ap = argparse.ArgumentParser(prog="compeffdist sample", description=(
-        "Keep a difficulty-biased subset of a scored corpus (METHOD.md 2.3): each sample kept with probability "
+        "Keep a difficulty-biased subset of a scored corpus: each sample kept with probability "
         "F(quantile of its difficulty), F peaking at --a, expected kept fraction --rate."))
     ap.add_argument("--input", required=True, help="scored JSON lines (compeffdist score output)")
     ap.add_argument("--output", required=True, help="the kept records, in input order")

@@ -146,3 +146,18 @@ def test_stage(tmp_path):
     got = read_jsonl(store.path("pairing", "samples.jsonl"))
     assert all(s["paired_by"] == "attribute" for s in got if s["cluster_id"] == 1)
     assert stats.info["clusters_with_texts"] == 1
+
+
+def test_demo_run_pairing_is_reproduced():
+    "The committed demo run: its instruction set, texts and config give exactly the samples the run wrote."
+    from compeffdist.core import load_config
+    from pathlib import Path
+    fx = Path(__file__).resolve().parent / "fixtures" / "demo_run"
+    cfg = load_config(fx / "config.yaml")
+    st = StageStats()
+    got = pair_samples(read_jsonl(fx / "instructions" / "instructions.jsonl"), read_jsonl(fx / "texts" / "texts.jsonl"),
+                       cfg.pairing, stats=st)
+    assert got == read_jsonl(fx / "pairing" / "samples.jsonl")
+    import json
+    assert dict(st.counts) == {k: v for k, v in json.loads((fx / "pairing" / "manifest.json").read_text())["stats"]["counts"].items()
+                               if k not in ("instructions_in", "texts_in")}

@@ -192,3 +192,15 @@ def test_cli(tmp_path, capsys):
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
     assert main(["sample", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "k.jsonl"),
                  "--rate", "0.5"]) == 2
+
+
+def test_demo_run_sampling_is_reproduced():
+    "The committed demo run: its scored corpus and sampling config give exactly the samples the run kept."
+    import json
+    from pathlib import Path
+    from compeffdist.core import load_config, read_jsonl as _read
+    fx = Path(__file__).resolve().parent / "fixtures" / "demo_run"
+    c = load_config(fx / "config.yaml").sampling
+    kept = sample_records(_read(fx / "difficulty" / "scored.jsonl"), c.rate, c.method, c.group, c.a, c.seed, c.key)
+    assert kept == _read(fx / "sampling" / "kept.jsonl")
+    assert len(kept) == json.loads((fx / "sampling" / "manifest.json").read_text())["stats"]["counts"]["samples_kept"]
