@@ -174,3 +174,18 @@ def test_system_deps_target_skips_gracefully_without_apt(tmp_path):
     r = subprocess.run([make, "-s", "system-deps"], cwd=ROOT, env={"PATH": str(fake)}, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "could not install" in r.stderr, r.stderr
+
+
+def test_show_docs_follow_definition_order():
+    "nbdev inserts the docs of a cell's names in reverse; the build puts each run back in definition order."
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import build_docs
+    finally:
+        sys.path.pop(0)
+    doc = lambda n: {"cell_type": "code", "source": f"#| echo: false\n#| output: asis\nshow_doc({n})"}
+    prose = {"cell_type": "markdown", "source": "text"}
+    module = "X = 1\n\ndef a(): pass\n\nclass B: pass\n\ndef c(): pass\n"
+    cells = [doc("c"), doc("B"), doc("a"), prose, doc("c"), doc("nowhere"), doc("a")]
+    got = [c["source"].split("show_doc(")[-1] if c["cell_type"] == "code" else "|" for c in build_docs.order_show_docs(cells, module)]
+    assert got == ["a)", "B)", "c)", "|", "c)", "nowhere)", "a)"]  # a run with an unknown name is left alone

@@ -7,7 +7,8 @@
 Steps: (1) `nbdev.serve.proc_nbs` writes processed notebooks (show_doc cells for every exported name, directives
 applied) into _proc/; it executes only export cells, show_doc cells and cells that are nothing but imports (nbdev
 would also run cells mixing imports with other code, which then miss the variables of unexecuted cells);
-(2) each page is named as nbdev names it and keeps its whole `> description` (nbdev keeps its first line only);
+(2) each page is named as nbdev names it, keeps its whole `> description` (nbdev keeps its first line only) and
+shows the docs of a cell's names in the order they are defined (nbdev inserts them in reverse);
 (3) _proc/sidebar.yml lists the notebooks in order, grouped as the index describes; (4) `smalldocs render _proc`.
 KaTeX for maths is copied into the site from a local copy (Debian's libjs-katex), so pages work offline.
 Quarto is not needed (`nbdev-docs` needs it; `nbdev-proc-nbs` tries to install it).
@@ -69,6 +70,44 @@ def full_description(nb: dict) -> str | None:
     return " ".join(l.lstrip(">").strip() for l in m.group(0).splitlines()).strip() if m else None
 
 
+def _module_source(nb: dict) -> str:
+    "The source of the module a notebook exports to (`#| default_exp`), or ''."
+    for c in nb["cells"]:
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        if c["cell_type"] == "code" and (m := re.search(r"^#\|\s*default_exp\s+(\S+)", src, flags=re.MULTILINE)):
+            path = ROOT / "compeffdist" / (m.group(1).replace(".", "/") + ".py")
+            return path.read_text(encoding="utf-8") if path.is_file() else ""
+    return ""
+
+
+def order_show_docs(cells: list, module: str) -> list:
+    """Put each run of consecutive `show_doc` cells in the order the names are defined in the module (nbdev inserts
+    the docs of a cell's names in reverse order). A run with a name not found in the module is left as it is."""
+    def name(c):
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        m = re.search(r"^show_doc\(([\w.]+)\)\s*$", src, flags=re.MULTILINE) if c["cell_type"] == "code" else None
+        return m.group(1) if m else None
+
+    def line(n):
+        last = n.split(".")[-1]
+        m = re.search(rf"^(?:(?:async )?def|class) {re.escape(last)}\b|^{re.escape(last)}\s*[:=]", module, flags=re.MULTILINE)
+        return module.count("\n", 0, m.start()) if m else None
+
+    out, i = [], 0
+    while i < len(cells):
+        j = i
+        while j < len(cells) and name(cells[j]):
+            j += 1
+        if j > i:
+            lines = [line(name(c)) for c in cells[i:j]]
+            run = cells[i:j]
+            out += [c for _, c in sorted(zip(lines, run), key=lambda x: x[0])] if None not in lines else run
+            i = j
+        else:
+            out.append(cells[i]); i += 1
+    return out
+
+
 def name_pages(proc: Path) -> list[tuple[str, str, str]]:
     "Rename each processed notebook to its nbdev page name (`output-file`, e.g. pipeline.html <- 19_pipeline.ipynb),\n    which smalldocs does not read; returns (original name, new name, title) in notebook order."
     pages = []
@@ -77,8 +116,11 @@ def name_pages(proc: Path) -> list[tuple[str, str, str]]:
         i, fm = _frontmatter(nb)
         target = Path(fm.pop("output-file", p.stem + ".html")).stem + ".ipynb"
         src = ROOT / "nbs" / p.name
-        if fm.get("description") and src.is_file():
-            fm["description"] = full_description(json.loads(src.read_text(encoding="utf-8"))) or fm["description"]
+        if src.is_file():
+            orig = json.loads(src.read_text(encoding="utf-8"))
+            if fm.get("description"):
+                fm["description"] = full_description(orig) or fm["description"]
+            nb["cells"] = order_show_docs(nb["cells"], _module_source(orig))
         if i >= 0:
             nb["cells"][i]["source"] = "---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n"
         (proc / target).write_text(json.dumps(nb, ensure_ascii=False), encoding="utf-8")
