@@ -592,17 +592,9 @@ def run_instructions(ctx) -> StageStats:
     stats.add("clusters", len(clusters))
     teacher, steps = ctx.teacher, {}
 
-    def call(name, requests, decoding, constraints=None):
+    def call(name, requests, decoding, constraints=None):  # one engine call a step, a constraint per request
         before = teacher_snapshot(teacher)
-        if constraints is None or all(c is None for c in constraints):
-            res = generate_texts(ctx, requests, SamplingParams.from_config(decoding), None, desc=name)
-        else:  # one batch per distinct schema (the engine takes one constraint per call)
-            res, groups = [None] * len(requests), {}
-            for i, c in enumerate(constraints): groups.setdefault(json.dumps(c.to_dict(), sort_keys=True), []).append(i)
-            for idx in groups.values():
-                for i, r in zip(idx, generate_texts(ctx, [requests[i] for i in idx],
-                                                    SamplingParams.from_config(decoding), constraints[idx[0]], desc=name)):
-                    res[i] = r
+        res = generate_texts(ctx, requests, SamplingParams.from_config(decoding), constraints, desc=name)
         stats.add(f"{name}_truncated", sum(f == "length" for _, f in res))
         steps[name] = teacher_delta(before, teacher)
         return res

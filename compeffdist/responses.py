@@ -122,24 +122,17 @@ def collect_responses(teacher, samples: Sequence[dict], cfg: ResponsesConfig,
     base = SamplingParams.from_config(cfg.decoding)
     sc = cfg.self_consistency
     sc_params = SamplingParams.from_config(cfg.decoding, n=sc, temperature=cfg.decoding.temperature or 1.0)
-    groups: dict = {}
+    idx, batch, params, constraints = [], [], [], []
     for i, s in enumerate(samples):
         if not isinstance(s, dict) or not isinstance(s.get("instruction"), str) or not s["instruction"].strip():
             stats.drop("sample_without_instruction"); continue
-        c = constraint_for(s.get("output_format")) if cfg.constrain else None
-        vote = sc > 1 and bool(labels_of(s.get("output_format")))
-        key = (json.dumps(c.to_dict(), sort_keys=True) if c else "", vote)
-        groups.setdefault(key, (c, vote, []))[2].append(i)
-    answers: dict[int, list] = {}
-    for (c, vote, idx) in groups.values():
-        what = "choice" if c is not None and c.choice else "json" if c is not None else "free"
-        batch = [[{"role": "user", "content": samples[i]["instruction"]}] for i in idx]
-        params = sc_params if vote else base
-        desc = f"responses ({what}{', voting' if vote else ''})"
-        got = (teacher.generate(batch, params, c, desc=desc) if isinstance(teacher, CachedEngine)
-               else teacher.generate(batch, params, c))
-        for i, gens in zip(idx, got):
-            answers[i] = gens
+        vote = sc > 1 and bool(labels_of(s.get("output_format")))  # self-consistency: closed-set tasks vote
+        idx.append(i); batch.append([{"role": "user", "content": s["instruction"]}])
+        params.append(sc_params if vote else base)
+        constraints.append(constraint_for(s.get("output_format")) if cfg.constrain else None)
+    got = (teacher.generate(batch, params, constraints, desc="responses") if isinstance(teacher, CachedEngine)
+           else teacher.generate(batch, params, constraints)) if batch else []
+    answers = dict(zip(idx, got))
     out = []
     for i in sorted(answers):
         s, gens = samples[i], answers[i]

@@ -290,3 +290,29 @@ def test_stage_needs_clusters(tmp_path, embedder):
     write_jsonl(ctx.store.path("clustering", "clusters.jsonl"), [])
     with pytest.raises(CompeffdistError, match="no perspectives"):
         run_instructions(ctx)
+
+
+class _Calls(FakeEngine):
+    "A FakeEngine that records each call the stage makes: its size and the constraints of its requests."
+
+    def __init__(self, respond):
+        super().__init__(respond)
+        self.log = []
+
+    def generate_iter(self, batch, params, constraint=None):
+        from compeffdist.engines import per_request
+        self.log.append([json.dumps(c.to_dict(), sort_keys=True) if c else None
+                         for _, c in per_request(batch, params, constraint)])
+        yield from super().generate_iter(batch, params, constraint)
+
+
+def test_one_engine_call_per_step_whatever_the_schemas(tmp_path, embedder):
+    "Requests with different JSON schemas (rewrites of a classification and a scoring task) share one engine call."
+    ctx = _ctx(tmp_path, embedder, dedup=False, max_clusters=1)
+    ctx._teacher = _Calls(_answers("good"))
+    stats = run_instructions(ctx)
+    log = ctx.teacher.engine.log
+    assert len(log) == 4  # analysis, task lists, rewrites, demonstrations
+    assert log[0] == [None] and len(set(log[1])) == 1  # free analysis; one task-list schema
+    assert len(log[2]) == 3 and len(set(log[2])) == 2  # three rewrites under two schemas, together
+    assert len(set(log[3])) == 2 and stats.counts["task_instructions"] == 3  # demonstrations of both kinds, together

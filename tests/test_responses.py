@@ -6,7 +6,7 @@ import pytest
 
 from compeffdist.core import (Config, DecodingConfig, ModelConfig, ResponsesConfig, RunStore, StageStats, read_jsonl,
                               write_jsonl)
-from compeffdist.engines import CachedEngine, FakeEngine, Generation, LlamaCppEngine, RunContext
+from compeffdist.engines import CachedEngine, FakeEngine, Generation, LlamaCppEngine, RunContext, per_request
 from compeffdist.responses import collect_responses, constraint_for, extract_spans, run_responses, verify_response
 
 TEXT = "The battery died after two days, but the screen is gorgeous."
@@ -19,15 +19,16 @@ def sample(i, fmt, task_type="other", instruction=None):
 
 
 class Recording(FakeEngine):
-    "A FakeEngine that also records the constraint and sampling parameters of each request."
+    "A FakeEngine that also records the engine calls, and the constraint and sampling parameters of each request."
 
     def __init__(self, respond, status=None):
         super().__init__(respond)
-        self.seen, self.status = [], status or {}
+        self.seen, self.status, self.engine_calls = [], status or {}, 0
 
     def generate_iter(self, batch, params, constraint=None):
-        for i, m in enumerate(batch):
-            self.seen.append((m[0]["content"], constraint, params))
+        self.engine_calls += 1
+        for m, (p, c) in zip(batch, per_request(batch, params, constraint)):
+            self.seen.append((m[0]["content"], c, p))
         for i, gens in super().generate_iter(batch, params, constraint):
             reason = self.status.get(batch[i][0]["content"])
             yield i, [Generation(g.text, 1, 1, reason) for g in gens] if reason else gens
@@ -78,6 +79,7 @@ def test_batching_constraints_and_resume(tmp_path):
     cached = CachedEngine(eng, tmp_path / "calls.sqlite", progress=False)
     got = collect_responses(cached, samples, ResponsesConfig())
     assert [g["output"] for g in got] == ["yes", "[]", "free text", "no"]
+    assert eng.engine_calls == 1  # one call for every constraint: the engine schedules them together
     by = {c: k for c, k, _ in eng.seen}
     assert by[samples[0]["instruction"]].choice == ("yes", "no")
     assert by[samples[1]["instruction"]].json_schema == {"type": "array"}
@@ -126,6 +128,7 @@ def test_self_consistency():
     params = {c: p for c, _, p in eng.seen}
     assert params[samples[0]["instruction"]].n == 5 and params[samples[0]["instruction"]].temperature == 1.0
     assert params[samples[2]["instruction"]].n == 1  # only closed-set tasks vote
+    assert eng.engine_calls == 1  # voting and free requests in the same call, each with its own parameters
 
 
 def test_stage_with_fake_teacher(tmp_path):
