@@ -8,9 +8,6 @@ STAMP := $(VENV)/.installed
 export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-# llama.cpp (llama-cpp-python and llama-server) with the portable x86-64 kernels, not the ones of the build machine:
-# the same teacher answers on every machine, and no illegal instruction where a VM reports AMX it does not enable.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export system-deps
 
@@ -18,10 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
-	$(BIN)/pip install -q --no-cache-dir -c constraints.txt llama-cpp-python  # compiled here, with CMAKE_ARGS
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,llamacpp]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline]"
+	@# llama.cpp compiled here with the CPU options of compeffdist.llama_server.cpu_cmake_args (portable x86-64 plus
+	@# the AVX-512 this CPU has, never AMX: a VM may report AMX without enabling it), for llama-cpp-python and the server
+	CMAKE_ARGS="$${CMAKE_ARGS:-$$($(BIN)/python -c 'from compeffdist.llama_server import cpu_cmake_args; print(*cpu_cmake_args())')}" \
+	  $(BIN)/pip install -q --no-cache-dir -c constraints.txt -e ".[llamacpp]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt xgrammar apache-tvm-ffi  # hf JSON grammars, without triton (CPU)
-	$(BIN)/compeffdist llama-server build  # llama.cpp's server from the pinned source: the llamacpp engine's parallel decoding
+	$(BIN)/compeffdist llama-server build  # llama.cpp's server from the same source: the llamacpp engine's parallel decoding
 	@touch $@
 
 install: $(STAMP)

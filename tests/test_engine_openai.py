@@ -69,13 +69,14 @@ def server(tmp_path_factory):
 class FlakyProxy:
     """A real HTTP proxy on 127.0.0.1 in front of `upstream`. The first requests get the failures in `plan`
     (one per request, in order): "429", "503", "400", "401", "drop" (close the connection without an answer),
-    "slow" (answer only after `slow_s`, past the client's time-out), "garbage" (200 with a non-JSON body).
+    "slow" (answer only after `slow_s`, past the client's time-out), "garbage" (200 with a non-JSON body),
+    "think" (the real answer with a <think> block put in front).
     Then it forwards, after `delay_s`. It counts requests and the most it ever had in flight."""
 
     def __init__(self, upstream: str, plan=(), delay_s: float = 0.0, slow_s: float = 6.0, retry_after: str | None = "0"):
         self.upstream, self.plan, self.delay_s, self.slow_s = upstream, list(plan), delay_s, slow_s
         self.retry_after = retry_after
-        self.requests, self.inflight, self.max_inflight, self.times = 0, 0, 0, []
+        self.requests, self.inflight, self.max_inflight, self.times, self.bodies = 0, 0, 0, [], []
         self.lock = threading.Lock()
         proxy = self
 
@@ -87,6 +88,7 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with proxy.lock:
                     proxy.requests += 1
+                    proxy.bodies.append(json.loads(body or b"{}"))
                     proxy.times.append(time.monotonic())
                     proxy.inflight += 1
                     proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
@@ -121,7 +123,13 @@ class FlakyProxy:
                 time.sleep(proxy.delay_s)
                 r = httpx.post(proxy.upstream + self.path.removeprefix("/v1"), content=body,
                                headers={"content-type": "application/json"}, timeout=120)
-                self.answer(r.status_code, r.content)
+                content = r.content
+                if action == "think":  # a model that thinks although told not to
+                    out = r.json()
+                    out["choices"][0]["message"]["content"] = "<think>\nIs it positive?\n</think>\n\n" + \
+                        out["choices"][0]["message"]["content"]
+                    content = json.dumps(out).encode()
+                self.answer(r.status_code, content)
 
             def answer(self, code, content, headers=None):
                 self.done()
@@ -254,3 +262,19 @@ def test_n_samples_cost_one_request_when_greedy(proxy):
     assert len(greedy) == 3 and len({g.text for g in greedy}) == 1 and p.requests == 1
     sampled = eng.generate([chat("Name a colour.")], SamplingParams(max_new_tokens=6, n=2, temperature=1.0, seed=3))[0]
     assert len(sampled) == 2 and p.requests == 3  # one request per sample, seeds seed and seed + 1
+
+
+def test_thinking_is_off_and_a_leading_thinking_block_is_removed(server):
+    p = FlakyProxy(server, ["think"])
+    eng = OpenAIEngine("smollm2", base_url=p.url)
+    got = eng.generate([chat("Say hello.")] * 1 + [chat("Say bye.")], SamplingParams(max_new_tokens=8))
+    assert all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in p.bodies)  # the server accepts it
+    assert not any("<think>" in g[0].text for g in got) and all(g[0].text for g in got)
+    assert eng.thoughts_removed == 1
+
+
+def test_openais_own_api_gets_no_template_variables():
+    body = OpenAIEngine("gpt-x", base_url="https://api.openai.com/v1")._body(chat("hi"), SamplingParams(), None, 0)
+    assert "chat_template_kwargs" not in body
+    own = OpenAIEngine("m", base_url="http://127.0.0.1:9/v1", chat_template_kwargs={"enable_thinking": True})
+    assert own._body(chat("hi"), SamplingParams(), None, 0)["chat_template_kwargs"] == {"enable_thinking": True}

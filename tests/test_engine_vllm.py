@@ -96,3 +96,25 @@ def test_behind_the_call_cache(engine, tmp_path):
     assert (cached.stats.misses, cached.stats.hits) == (2, 2)
     assert [g[0].text for g in first] == [g[0].text for g in again] and all(g[0].cached for g in again)
     assert json.loads(json.dumps(cached.cache.summary()))[engine.identity]["calls"] == 2
+
+
+@needs_vllm
+def test_mixed_requests_go_in_one_chat_call_with_template_variables_and_seeds(engine, monkeypatch):
+    "Free, JSON and choice requests in one batch: one llm.chat call per chunk, a SamplingParams each."
+    calls = []
+    chat_fn = engine.llm.chat
+
+    def spy(messages, sampling_params, **kw):
+        calls.append((len(messages), sampling_params, kw))
+        return chat_fn(messages, sampling_params, **kw)
+
+    monkeypatch.setattr(engine.llm, "chat", spy)
+    batch = [chat("Say hello."), chat("Classify as JSON: I loved it."), chat("Positive or negative? Awful.")]
+    cons = [None, Constraint(json_schema=SCHEMA), Constraint(choice=["positive", "negative"])]
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)
+    res = engine.generate(batch, [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=64), sampled], cons)
+    assert len(calls) == 1 and calls[0][0] == 3  # chunk_size 3: the whole batch in one call
+    sps, kw = calls[0][1], calls[0][2]
+    assert isinstance(sps, list) and len(sps) == 3 and sps[0].seed is None and sps[2].seed is not None
+    assert kw["chat_template_kwargs"] == {"enable_thinking": False}
+    assert json_ok(res[1][0].text, SCHEMA) and res[2][0].text in ("positive", "negative")

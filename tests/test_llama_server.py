@@ -54,12 +54,15 @@ def test_concurrent_greedy_equals_one_by_one_and_cache_holds_each_once(tmp_path)
     finally:
         eng.close()
     assert json_ok(got[1], schema) and got[2] in ("positive", "negative")
-    same = sum(a == b for a, b in zip(got, ref))
-    assert same >= 3, f"only {same} of 4 concurrent answers equal the one-by-one ones: {got} vs {ref}"
+    # Batched kernels and reused KV caches add in another order, so greedy decoding may take another token where
+    # two are nearly tied (counted by benchmarks/engines.py). Each answer must still be the answer to its own
+    # request: identical, or identical for its first 30 characters (a mixed-up answer parts at once).
+    for a, b in zip(got, ref):
+        assert a == b or (len(a) > 30 and a[:30] == b[:30]), (a, b)
     assert got[4:] == got[:2]  # the repeated requests got the first answers
     with sqlite3.connect(tmp_path / "c.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 4
-    assert eng.stats.misses == 6 and eng.engine.cached_prompt_tokens >= 0
+    assert eng.stats.misses == 6 and eng.engine.timings["predicted_n"] > 0
 
 
 def _cache_rows(path: Path) -> int:

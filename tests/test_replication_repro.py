@@ -46,3 +46,25 @@ def test_replication_config_keeps_its_call_cache_in_the_repository():
     assert cfg.run.calls_jsonl and not Path(cfg.run.calls_jsonl).is_absolute()
     assert cfg.run.calls_jsonl.startswith("results/replication/")
     assert "runs/" in cfg.run.out  # the run folder itself (models, scored corpus) stays out of version control
+
+
+TEACHER_STAGES = ("attributes", "clustering", "instructions", "pairing", "responses")
+
+
+def test_committed_calls_rebuild_the_corpus_without_a_teacher_call(sentibench_root, tmp_path):
+    """From the committed call cache alone, the run rebuilds every teacher stage it has finished so far (as recorded
+    in results/replication/corpus.json) with the same counts, and `--max-calls 0` proves no teacher call was made."""
+    import shutil
+    recorded = json.loads((ROOT / "results" / "replication" / "corpus.json").read_text())
+    done = [s for s in TEACHER_STAGES if s in recorded]
+    assert done, "corpus.json records no teacher stage"
+    calls = tmp_path / "calls.jsonl"
+    shutil.copy(ROOT / "results" / "replication" / "teacher_calls.jsonl", calls)
+    cmd = [sys.executable, "-m", "compeffdist.cli", "run", "--config", str(ROOT / "configs" / "replication.yaml"),
+           "--out", str(tmp_path / "run"), "--until", done[-1], "--max-calls", "0", "--quiet",
+           "--set", f"run.calls_jsonl={calls}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
+    for stage in ["texts", *done]:
+        got = json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["stats"]
+        assert got["counts"] == recorded[stage]["counts"] and got["drops"] == recorded[stage]["drops"], stage
