@@ -602,11 +602,12 @@ class HFBackend(_HFTokens):
 def next_token_scores(self: HFBackend, prompts: Sequence[str], token_ids: Sequence[int]) -> list[tuple[list[float], int]]:
     "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
     import torch
+    from compeffdist.difficulty import float32_logits
     out: list = [None] * len(prompts)
     penalty = getattr(self.model.generation_config, "repetition_penalty", None) or 1.0
     cols = torch.tensor(list(token_ids), device=self.device)
     for pos, x, mask in self._batches(prompts):
-        with torch.no_grad():
+        with torch.no_grad(), float32_logits(self.model):
             logits = self.model(input_ids=x, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
         if penalty != 1.0:  # what generate's RepetitionPenaltyLogitsProcessor does to the first-step scores
             seen = torch.zeros_like(logits, dtype=torch.bool)

@@ -98,3 +98,18 @@ def test_gemma3_loads_text_only(tmp_path):
     LlamaConfig().save_pretrained(tmp_path / "llama")
     assert text_only_kwargs(str(tmp_path / "gemma3")) == {"limit_mm_per_prompt": {"image": 0}}
     assert text_only_kwargs(str(tmp_path / "llama")) == {}
+
+
+def test_a_bf16_student_scores_labels_with_float32_logits():
+    "bf16 logits take few values (labels can tie exactly); the hf backend reads the output layer in float32."
+    be = sb.HFBackend("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
+    prompts = ["Sentence: What a wonderful film.\nLabel:", "Sentence: Dull and far too long.\nLabel:"]
+    ids = [be.first_token(" positive"), be.first_token(" negative")]
+    in_bf16 = lambda x: x == float(torch.tensor(x).bfloat16())  # a value bf16 can hold exactly
+    scores = [s for row, _ in be.next_token_scores(prompts, ids) for s in row]
+    assert next(be.model.parameters()).dtype == torch.bfloat16
+    assert not all(in_bf16(s) for s in scores), scores  # float32 logits
+    with torch.no_grad():  # the bf16 output layer itself gives bf16 values
+        raw = be.model(**be.tokenizer(prompts, return_tensors="pt", padding=True)).logits[:, -1, ids].float()
+    assert all(in_bf16(s) for s in raw.flatten().tolist())
+    be.close()
