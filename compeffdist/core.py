@@ -56,7 +56,7 @@ class DecodingConfig(Section):
     n: int = Field(1, ge=1)
     stop: list[str] = []
 
-
+# %% ../nbs/00_core.ipynb #d18b5d03
 class ModelConfig(Section):
     "A model and the engine that runs it. `model` is a hub id, a local folder, a `.gguf` file or a bundled alias."
     model: str
@@ -66,7 +66,7 @@ class ModelConfig(Section):
     batch_size: int = Field(8, ge=1)  # hf: sequences per forward pass
     context_length: int = Field(4096, ge=128)  # llamacpp n_ctx, vllm max_model_len
     n_threads: int | None = None  # llamacpp
-    parallel: int = Field(1, ge=1)  # llamacpp: sequences decoded together (>1: llama.cpp's server with N slots)
+    parallel: int = Field(8, ge=1)  # llamacpp: sequences decoded together (1: in process; >1: llama.cpp's server)
     chat_template_kwargs: dict[str, Any] | None = None  # hf/llamacpp server/openai/vllm: chat-template variables
     base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
@@ -81,7 +81,7 @@ class ModelConfig(Section):
     revision: str | None = None  # hub revision
     options: dict[str, Any] = {}  # anything else, passed to the engine's constructor
 
-
+# %% ../nbs/00_core.ipynb #a371df02
 class EmbedderConfig(Section):
     "A sentence-transformers model used to embed attribute names and task descriptions."
     model: str = "all-minilm-l6-v2"
@@ -143,7 +143,7 @@ class ClusteringConfig(Section):
     random_state: int = 42
     giant_cluster_fraction: float = Field(0.25, gt=0, le=1)  # a cluster holding more of the attributes is reported
 
-
+# %% ../nbs/00_core.ipynb #fc2e807c
 class InstructionsConfig(Section):
     "12_instructions: analysis instructions, task lists, task rewrites, demonstrations."
     top_attributes: int = Field(5, ge=1)  # attributes explained in the analysis prompt
@@ -179,7 +179,7 @@ class ResponsesConfig(Section):
     on_fail: Literal["drop", "flag"] = "drop"
     self_consistency: int = Field(1, ge=1)  # >1: sample n answers for closed-set tasks, keep the majority
 
-
+# %% ../nbs/00_core.ipynb #9a0bcfd4
 class TrainingConfig(Section):
     """17_training: TRL SFTTrainer. Defaults are the authors' recipe: full fine-tuning, 4 epochs, AdamW at 5e-5
     with weight decay 0.1 and betas (0.9, 0.999), a cosine schedule without warm-up, clipping at 1.0, packed
@@ -214,7 +214,7 @@ class WarmupConfig(Section):
     max_samples: int | None = None
     training: TrainingConfig = TrainingConfig(epochs=1)
 
-
+# %% ../nbs/00_core.ipynb #df415ce1
 class ProxyConfig(Section):
     "A cheap proxy that predicts difficulty from instruction + text alone."
     enabled: bool = False
@@ -261,7 +261,7 @@ class EvaluationConfig(Section):
     models: list[Literal["base_student", "student", "teacher"]] = ["base_student", "student", "teacher"]
     batch_size: int = Field(8, ge=1)
 
-
+# %% ../nbs/00_core.ipynb #d268b564
 class Config(Section):
     "A whole COMPEFFDIST run."
     run: RunConfig = RunConfig()
@@ -353,7 +353,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
+# %% ../nbs/00_core.ipynb #2a0df24f
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     "Write records as JSON lines, atomically; return how many."
     n = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -25,9 +27,9 @@ from .core import CompeffdistError, cache_dir
 from .engines import Constraint, OpenAIEngine, resolve_model
 
 # %% auto #0
-__all__ = ['CMAKE_FLAGS', 'llama_cpp_version', 'default_server_path', 'find_llama_server', 'cpu_flags', 'build_llama_server',
-           'check_llama_server', 'LlamaServer', 'choice_grammar', 'schema_grammar', 'LlamaServerEngine',
-           'llama_server_cli']
+__all__ = ['AVX512_OPTIONS', 'CMAKE_FLAGS', 'llama_cpp_version', 'default_server_path', 'find_llama_server', 'cpu_cmake_args',
+           'cpu_flags', 'build_llama_server', 'check_llama_server', 'LlamaServer', 'choice_grammar', 'schema_grammar',
+           'LlamaServerEngine', 'llama_server_cli']
 
 # %% ../nbs/01a_llama_server.ipynb #8ed846e3
 def llama_cpp_version() -> str:
@@ -75,14 +77,29 @@ def _llama_cpp_source(work: Path, version: str, source: str | os.PathLike | None
     return work / prefix
 
 # %% ../nbs/01a_llama_server.ipynb #283009d8
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+AVX512_OPTIONS = {"avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+                  "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
+
+
+def cpu_cmake_args(cpuinfo: str | None = None) -> list[str]:
+    """llama.cpp's CPU options for this machine. On x86-64 Linux: the portable set (`GGML_NATIVE=OFF`: SSE4.2, AVX,
+    AVX2, FMA, F16C, BMI2) plus the AVX-512 extensions the CPU reports, never AMX; elsewhere llama.cpp's own tuning."""
+    if cpuinfo is None:
+        if platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file():
+            return ["-DGGML_NATIVE=ON"]
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), []))
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{opt}=ON" for flag, opt in AVX512_OPTIONS.items() if flag in flags]
 
 
 def cpu_flags() -> list[str]:
-    "The CPU options of the build: `$CMAKE_ARGS` (as llama-cpp-python reads it), else the portable x86-64 set."
-    return os.environ.get("CMAKE_ARGS", "").split() or ["-DGGML_NATIVE=OFF"]
+    "The CPU options of a build: `$CMAKE_ARGS` (as llama-cpp-python's own build reads it), else `cpu_cmake_args()`."
+    return os.environ.get("CMAKE_ARGS", "").split() or cpu_cmake_args()
+
+# %% ../nbs/01a_llama_server.ipynb #f459b997
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
 
 
 def build_llama_server(dest: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
@@ -163,8 +180,7 @@ def start(self: LlamaServer, timeout_s: float = 180) -> "LlamaServer":
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if self.proc.poll() is not None:
-            tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise CompeffdistError(f"llama-server exited with status {self.proc.returncode}: {tail[0][:300]}")
+            raise CompeffdistError(self._start_failure())
         try:
             if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                 return self
@@ -173,6 +189,18 @@ def start(self: LlamaServer, timeout_s: float = 180) -> "LlamaServer":
         time.sleep(0.2)
     self.stop()
     raise CompeffdistError(f"llama-server did not become ready in {timeout_s:.0f}s (log: {self.log})")
+
+
+@patch
+def _start_failure(self: LlamaServer) -> str:
+    "One line on why the server exited while starting: its first error line, and what a bad model file means."
+    text = self.log.read_text(errors="replace")
+    lines = text.splitlines()
+    err = next((l for l in lines if " E " in l), lines[-1] if lines else "no output").strip()[:200]
+    if "model loading error" in text or "failed to load model" in text:
+        return (f"{self.args[1]}: llama.cpp cannot load this model ({err}); is it a complete GGUF file of an "
+                "architecture llama.cpp supports?")
+    return f"llama-server exited with status {self.proc.returncode}: {err}"
 
 
 @patch
@@ -210,7 +238,7 @@ class LlamaServerEngine(OpenAIEngine):
         super().__init__(model, base_url=self.server.base_url, max_concurrency=parallel, timeout_s=timeout_s,
                          max_retries=2, schema_style="json_object", chat_template_kwargs=chat_template_kwargs)
         self.ref, self.parallel, self._grammars = ref, parallel, {}
-        self.cached_prompt_tokens = 0  # prompt tokens the server took from a slot's KV cache instead of evaluating
+        self.timings = Counter()  # the server's own account, summed: prompt_n/_ms, predicted_n/_ms, cache_n (reused)
 
 # %% ../nbs/01a_llama_server.ipynb #ed218582
 @patch
@@ -228,8 +256,9 @@ def _body(self: LlamaServerEngine, messages, params, constraint, r):
 @patch
 def _post(self: LlamaServerEngine, body) -> dict:
     out = OpenAIEngine._post(self, body)
+    t = out.get("timings") or {}
     with self._lock:
-        self.cached_prompt_tokens += (out.get("timings") or {}).get("cache_n", 0)
+        self.timings.update({k: t.get(k, 0) for k in ("prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n")})
     return out
 
 

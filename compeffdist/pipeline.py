@@ -55,7 +55,7 @@ class Stage:
             return cfg.data.decontaminate or any(s.type == "sentibench" for s in cfg.data.sources)
         return self.name == "evaluation"
 
-
+# %% ../nbs/19_pipeline.ipynb #0ebef2f6
 STAGES = [
     Stage("texts", "compeffdist.data", ("data",), (), "texts.jsonl"),
     Stage("attributes", "compeffdist.attributes", ("teacher", "attributes"), ("texts",), "attributes.jsonl", True),
@@ -71,6 +71,8 @@ STAGES = [
     Stage("evaluation", "compeffdist.sentibench", ("evaluation", "student", "teacher"), ("training",)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
+
+# %% ../nbs/19_pipeline.ipynb #3a629988
 ALIASES = {"warm-up": "warmup", "warm_up": "warmup", "eval": "evaluation", "sentibench": "evaluation",
            "train": "training", "score": "difficulty", "sample": "sampling"}
 
@@ -154,7 +156,7 @@ def _selection(stages: str | Iterable[str] | None, until: str | None) -> list[st
         raise CompeffdistError("no stage selected")
     return names
 
-
+# %% ../nbs/19_pipeline.ipynb #d3574e40
 def plan_run(cfg: Config, store: RunStore, stages: str | Iterable[str] | None = None, until: str | None = None,
              force: str | None = None) -> list[Step]:
     "Decide, for every stage, whether this invocation runs it, skips it (finished) or leaves it off."
@@ -282,7 +284,7 @@ def write_run_files(store: RunStore, cfg: Config) -> None:
     write_json(store.root / "run.json", {"name": cfg.run.name, "config_hash": config_hash(cfg),
                                          "fingerprints": fingerprints(cfg), "versions": package_versions()})
 
-
+# %% ../nbs/19_pipeline.ipynb #d48fb244
 def sync_calls(ctx: RunContext, direction: str, echo: Callable | None = None) -> int:
     """Keep `run.calls_jsonl` (a text copy of the call cache, for version control) in step with the cache:
     `"in"` adds its calls to the cache, `"out"` rewrites it from the cache. Returns the calls moved."""
@@ -298,7 +300,39 @@ def sync_calls(ctx: RunContext, direction: str, echo: Callable | None = None) ->
         _log(ctx.store, f"call cache: {n} calls added from {path}", echo)
     return n
 
+# %% ../nbs/19_pipeline.ipynb #b7e3735d
+def _run_one(ctx: RunContext, step: Step, fn: Callable, where: str, echo: Callable | None) -> None:
+    store = ctx.store
+    _log(store, f"{where} start ({step.reason})", echo)
+    try:
+        step.manifest = run_stage(ctx, step, fn)
+    except BudgetSpent as e:
+        _log(store, f"{where} stopped: {e}", echo)
+        raise BudgetSpent(f"stage {step.name}: {e}; run the same command to continue") from None
+    except CompeffdistError as e:
+        _log(store, f"{where} failed: {e}", None)
+        raise CompeffdistError(f"stage {step.name}: {e}") from None
+    except BaseException as e:
+        _log(store, f"{where} failed: {type(e).__name__}: {e}", None)
+        raise
+    write_run_files(store, ctx.cfg)  # the config the finished stages belong to (not before: a run that fails in
+    # its first stage leaves the folder describing its previous config)
+    _log(store, f"{where} done in {step.manifest['seconds']:.1f}s{_teacher_line(step.manifest)}", echo)
+    if _teacher(ctx): sync_calls(ctx, "out")
 
+
+def _open_run(cfg: Config, store: RunStore, todo: list[Step], echo: Callable | None, **context) -> RunContext:
+    "The run's context, with the call cache's text copy read in and the inputs the planned stages need checked."
+    ctx = RunContext(cfg, store, **context)
+    sync_calls(ctx, "in", echo)
+    if any(s.stage.uses_sentibench(cfg) for s in todo):
+        ctx.sentibench  # a clear error now, not after an hour of teacher calls
+    for s in todo:
+        if s.reason == "forced":
+            store.invalidate(s.name)
+    return ctx
+
+# %% ../nbs/19_pipeline.ipynb #7a6e16b3
 def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: str | None = None,
                  force: str | None = None, teacher=None, embedder=None, functions: dict | None = None,
                  progress: bool = True, report: bool = True, echo: Callable | None = print,
@@ -310,37 +344,16 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
         steps = plan_run(cfg, store, stages, until, force)
         todo = [s for s in steps if s.action == "run"]
         fns = {s.name: (functions or {}).get(s.name) or stage_function(s.stage) for s in todo}
-        ctx = RunContext(cfg, store, teacher=teacher, embedder=embedder, progress=progress, budget=budget)
-        sync_calls(ctx, "in", echo)
-        if any(s.stage.uses_sentibench(cfg) for s in todo):
-            ctx.sentibench  # a clear error now, not after an hour of teacher calls
-        for s in todo:
-            if s.reason == "forced":
-                store.invalidate(s.name)
+        ctx = _open_run(cfg, store, todo, echo, teacher=teacher, embedder=embedder, progress=progress, budget=budget)
         _log(store, f"run {cfg.run.name}: {len(todo)} of {len(steps)} stages to run (config {config_hash(cfg)})", echo)
         try:
             for i, step in enumerate(steps, 1):
                 where = f"[{i:>2}/{len(steps)}] {step.name:<13}"
+                if step.action == "skip":
+                    _log(store, f"{where} skip: {step.reason}", echo)
                 if step.action != "run":
-                    if step.action == "skip":
-                        _log(store, f"{where} skip: {step.reason}", echo)
                     continue
-                _log(store, f"{where} start ({step.reason})", echo)
-                try:
-                    step.manifest = run_stage(ctx, step, fns[step.name])
-                except BudgetSpent as e:
-                    _log(store, f"{where} stopped: {e}", echo)
-                    raise BudgetSpent(f"stage {step.name}: {e}; run the same command to continue") from None
-                except CompeffdistError as e:
-                    _log(store, f"{where} failed: {e}", None)
-                    raise CompeffdistError(f"stage {step.name}: {e}") from None
-                except BaseException as e:
-                    _log(store, f"{where} failed: {type(e).__name__}: {e}", None)
-                    raise
-                write_run_files(store, cfg)  # the config the finished stages belong to (not before: a run that
-                # fails in its first stage leaves the folder describing its previous config)
-                _log(store, f"{where} done in {step.manifest['seconds']:.1f}s{_teacher_line(step.manifest)}", echo)
-                if _teacher(ctx): sync_calls(ctx, "out")
+                _run_one(ctx, step, fns[step.name], where, echo)
                 later = [s for s in todo if STAGE_NAMES.index(s.name) > STAGE_NAMES.index(step.name)]
                 if teacher is None and _teacher(ctx) and not any(s.stage.uses_teacher(cfg) for s in later):
                     _teacher(ctx).close(); ctx._teacher = None  # free its memory for the student
@@ -350,14 +363,14 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
         write_run_files(store, cfg)
         if report:
             from compeffdist.report import write_report
-            path = write_report(store.root)
+            path = write_report(store.root, STAGES)
             _log(store, f"report: {path} (HTML: {path.with_name('report.html')})", echo)
     return steps
 
 # %% ../nbs/19_pipeline.ipynb #fe3d3aa4
 from .engines import Engine, Generation, per_request
 
-
+# %% ../nbs/19_pipeline.ipynb #a3bc8e68
 def _request_text(messages) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
@@ -413,6 +426,7 @@ class ReplayEngine(Engine):
             yield i, [Generation(**{k: v for k, v in gens[j % len(gens)].items() if k != "cached"})
                       for j in range(p.n)]
 
+# %% ../nbs/19_pipeline.ipynb #7bc059e9
 def record_calls(cache: str | os.PathLike, dest: str | os.PathLike, model: str | None = None) -> int:
     "Write the calls of a call cache (of one `model` identity, or all) as JSON lines for `ReplayEngine.from_jsonl`."
     from compeffdist.core import write_jsonl
@@ -459,7 +473,7 @@ def _parse_sets(items: list[str]) -> dict:
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return out
 
-
+# %% ../nbs/19_pipeline.ipynb #e1b4bd99
 def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description)
     if config:
@@ -491,7 +505,7 @@ def _run_from_args(a, config_path: Path) -> int:
             print(format_plan(plan_run(cfg, store, a.stages, a.until, a.force)))
         else:
             from compeffdist.report import write_report
-            print(f"report: {write_report(store.root)}")
+            print(f"report: {write_report(store.root, STAGES)}")
         return 0
     budget = None
     if a.max_calls is not None or a.max_minutes is not None:
