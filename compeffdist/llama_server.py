@@ -28,8 +28,8 @@ from .engines import Constraint, OpenAIEngine, resolve_model
 
 # %% auto #0
 __all__ = ['AVX512_OPTIONS', 'CMAKE_FLAGS', 'llama_cpp_version', 'default_server_path', 'find_llama_server', 'cpu_cmake_args',
-           'cpu_flags', 'build_llama_server', 'check_llama_server', 'LlamaServer', 'choice_grammar', 'schema_grammar',
-           'LlamaServerEngine', 'llama_server_cli']
+           'cpu_flags', 'build_stamp', 'build_llama_server', 'check_llama_server', 'LlamaServer', 'choice_grammar',
+           'schema_grammar', 'LlamaServerEngine', 'llama_server_cli']
 
 # %% ../nbs/01a_llama_server.ipynb #8ed846e3
 def llama_cpp_version() -> str:
@@ -102,12 +102,20 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
 
 
+def build_stamp() -> dict:
+    "What a server build is made of: the llama-cpp-python release (its llama.cpp source) and the CPU options."
+    return {"llama-cpp-python": llama_cpp_version(), "cpu_flags": cpu_flags()}
+
+
 def build_llama_server(dest: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
-                       jobs: int | None = None, quiet: bool = True) -> Path:
-    "Build `llama-server` from the pinned llama.cpp source into `dest` (default: beside this Python)."
+                       jobs: int | None = None, quiet: bool = True, force: bool = False) -> Path:
+    "Build `llama-server` from the pinned llama.cpp source into `dest` (default: beside this Python), unless built."
+    version, dest = llama_cpp_version(), Path(dest or default_server_path())
+    stamp = dest.with_suffix(".json")
+    if not force and dest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == build_stamp():
+        return dest
     if shutil.which("cmake") is None:
         raise CompeffdistError("building llama-server needs cmake and a C++ compiler")
-    version, dest = llama_cpp_version(), Path(dest or default_server_path())
     out = subprocess.DEVNULL if quiet else None
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         src = _llama_cpp_source(Path(tmp), version, source)
@@ -119,7 +127,7 @@ def build_llama_server(dest: str | os.PathLike | None = None, source: str | os.P
                 raise CompeffdistError(f"building llama-server failed at: {' '.join(cmd[:3])} (rerun with quiet=False)")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build / "bin" / "llama-server", dest)
-    dest.with_suffix(".json").write_text(json.dumps({"llama-cpp-python": version, "cpu_flags": cpu_flags()}))
+    stamp.write_text(json.dumps(build_stamp()))
     return dest
 
 # %% ../nbs/01a_llama_server.ipynb #5b02f911
@@ -278,11 +286,12 @@ def llama_server_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", help="a llama-cpp-python source archive or a llama.cpp folder (default: download)")
     ap.add_argument("--jobs", type=int, help="compiler processes (default: every core)")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    ap.add_argument("--force", action="store_true", help="build again even if a binary of the same build is there")
     a = ap.parse_args(argv)
     if a.action == "build":
         t0 = time.perf_counter()
-        path = build_llama_server(a.dest, a.source, a.jobs, quiet=not a.verbose)
-        print(f"built {path} (llama-cpp-python {llama_cpp_version()}) in {time.perf_counter() - t0:.0f}s")
+        path = build_llama_server(a.dest, a.source, a.jobs, quiet=not a.verbose, force=a.force)
+        print(f"{path}: llama-server of llama-cpp-python {llama_cpp_version()}, ready in {time.perf_counter() - t0:.0f}s")
     else:
         print(check_llama_server(Path(a.dest) if a.dest else None))
     return 0

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,9 +26,9 @@ from .engines import BudgetSpent, CachedEngine, CallCache, RunContext, TeacherBu
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'ALIASES', 'Stage', 'get_stage', 'stage_function', 'stage_config', 'fingerprints', 'Step',
-           'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'run_stage', 'run_lock', 'write_run_files',
-           'sync_calls', 'run_pipeline', 'ReplayEngine', 'record_calls', 'make_tiny_student', 'demo_config_path',
-           'run_cli', 'demo_cli']
+           'plan_run', 'format_plan', 'file_digest', 'stage_outputs', 'launch_rank', 'wait_for_everyone', 'run_stage',
+           'run_lock', 'write_run_files', 'sync_calls', 'run_pipeline', 'ReplayEngine', 'record_calls',
+           'make_tiny_student', 'demo_config_path', 'run_cli', 'demo_cli']
 
 # %% ../nbs/19_pipeline.ipynb #f048269c
 @dataclass(frozen=True)
@@ -218,9 +218,21 @@ def stage_outputs(folder: Path) -> dict[str, dict]:
             out[rel] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
     return out
 
+# %% ../nbs/19_pipeline.ipynb #fca59047
+def launch_rank() -> tuple[int, int]:
+    "This process's rank and the number of processes of a distributed launch (`accelerate launch`, `torchrun`)."
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
+
+def wait_for_everyone() -> None:
+    "A barrier across the processes of a distributed launch (nothing in a single process)."
+    if launch_rank()[1] > 1:
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()
+
+# %% ../nbs/19_pipeline.ipynb #a010594f
 def run_stage(ctx: RunContext, step: Step, fn: Callable) -> dict:
-    "Run one stage function and write its manifest; returns the manifest."
+    "Run one stage function and write its manifest (the first process of a launch writes it); returns the manifest."
     s = step.stage
     seed_everything(ctx.cfg.run.seed)
     if (t := _teacher(ctx)) is not None:
@@ -239,6 +251,8 @@ def run_stage(ctx: RunContext, step: Step, fn: Callable) -> dict:
     stats.info["files"] = files
     config = {"sections": stage_config(ctx.cfg, s),
               "upstream": {u: f for u, f in fingerprints(ctx.cfg).items() if u in s.upstream}}
+    if launch_rank()[0] != 0:  # the others of a distributed launch ran their share; the first records the stage
+        return {"stage": s.name, "seconds": round(seconds, 3), "stats": stats.to_dict()}
     return ctx.store.finish(s.name, stats, fingerprint=step.fingerprint, seconds=round(seconds, 3),
                             outputs=files, config=config)
 
@@ -262,6 +276,8 @@ def run_lock(root: Path):
 
 
 def _log(store: RunStore, line: str, echo: Callable | None):
+    if launch_rank()[0] != 0:  # one log for a distributed launch
+        return
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     with open(store.root / "run.log", "a", encoding="utf-8") as f:
         f.write(f"{stamp} {line}\n")
@@ -315,20 +331,26 @@ def _run_one(ctx: RunContext, step: Step, fn: Callable, where: str, echo: Callab
     except BaseException as e:
         _log(store, f"{where} failed: {type(e).__name__}: {e}", None)
         raise
-    write_run_files(store, ctx.cfg)  # the config the finished stages belong to (not before: a run that fails in
-    # its first stage leaves the folder describing its previous config)
+    wait_for_everyone()  # every process of a launch has its share of the stage, and the manifest is written
+    if launch_rank()[0] == 0:
+        write_run_files(store, ctx.cfg)  # the config the finished stages belong to (not before: a run that fails
+        # in its first stage leaves the folder describing its previous config)
     _log(store, f"{where} done in {step.manifest['seconds']:.1f}s{_teacher_line(step.manifest)}", echo)
     if _teacher(ctx): sync_calls(ctx, "out")
 
 
 def _open_run(cfg: Config, store: RunStore, todo: list[Step], echo: Callable | None, **context) -> RunContext:
     "The run's context, with the call cache's text copy read in and the inputs the planned stages need checked."
+    if launch_rank()[1] > 1 and (one := [s.name for s in todo if s.stage.uses_teacher(cfg) or s.name == "evaluation"]):
+        raise CompeffdistError(f"{', '.join(one)}: run in one process, not under a distributed launch (with "
+                               "accelerate launch or torchrun, select the student stages: --stages warmup,difficulty,"
+                               "sampling,training)")
     ctx = RunContext(cfg, store, **context)
     sync_calls(ctx, "in", echo)
     if any(s.stage.uses_sentibench(cfg) for s in todo):
         ctx.sentibench  # a clear error now, not after an hour of teacher calls
     for s in todo:
-        if s.reason == "forced":
+        if s.reason == "forced" and launch_rank()[0] == 0:
             store.invalidate(s.name)
     return ctx
 
@@ -339,8 +361,8 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
                  budget: TeacherBudget | None = None) -> list[Step]:
     """Run the stages of `cfg` that are not finished (resumable); write the manifests and the report.
     With a `budget`, the run stops cleanly between teacher calls once it is spent (`BudgetSpent`)."""
-    store = RunStore(cfg.run.out)
-    with run_lock(store.root):
+    store, first = RunStore(cfg.run.out), launch_rank()[0] == 0
+    with run_lock(store.root) if first else nullcontext():  # a distributed launch: its first process holds the lock
         steps = plan_run(cfg, store, stages, until, force)
         todo = [s for s in steps if s.action == "run"]
         fns = {s.name: (functions or {}).get(s.name) or stage_function(s.stage) for s in todo}
@@ -360,6 +382,8 @@ def run_pipeline(cfg: Config, stages: str | Iterable[str] | None = None, until: 
         finally:
             ctx.close()
             sync_calls(ctx, "out")
+        if not first:
+            return steps
         write_run_files(store, cfg)
         if report:
             from compeffdist.report import write_report

@@ -102,7 +102,7 @@ def evaluate(cfg, model: str, name: str, split: str, limit: int, seeds: list[int
     names = datasets or resolve_datasets(e.datasets)
     args = ["eval", "--model", model, "--name", name, "--out", str(out), "--split", split, "--engine", engine,
             "--datasets", ",".join(names), "--shots", str(e.shots), "--seeds", ",".join(map(str, seeds)),
-            "--limit", str(limit), "--batch-size", str(e.batch_size)]
+            "--limit", str(limit), "--batch-size", str(e.batch_size or cfg.student.batch_size)]
     args += ["--max-chars", str(e.max_chars)] if e.max_chars is not None else []
     args += ["--device", cfg.student.device, "--dtype", cfg.student.dtype] if engine == "hf" else ["--threads", "2"]
     res_path = result_path(out, name, split)
