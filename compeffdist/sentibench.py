@@ -26,10 +26,9 @@ from .data import SENTIBENCH, SentiBenchDataset, cut_text, load_sentibench, sent
 __all__ = ['CLASSIFICATION_INSTRUCTIONS', 'MAX_NEW_TOKENS', 'SPLITS', 'INVALID', 'ROLE_ORDER', 'fsa_instruction', 'gold_items',
            'answer_json', 'Example', 'build_examples', 'extract_answer', 'answer_complete', 'parse_answer',
            'predicted_items', 'micro_f1', 'space_spans', 'opinion_tuples', 'predicted_opinions', 'weighted_tuple_f1',
-           'score_predictions', 'HFBackend', 'LlamaCppBackend', 'VLLMBackend', 'open_backend', 'verbalizer',
-           'resolve_datasets', 'datasets_with_split', 'result_path', 'prediction_path', 'prediction_key', 'predict',
-           'evaluate_model', 'load_results', 'results_table', 'plot_scores', 'write_report', 'evaluation_models',
-           'run_evaluation', 'eval_cli']
+           'score_predictions', 'open_backend', 'verbalizer', 'resolve_datasets', 'datasets_with_split', 'result_path',
+           'prediction_path', 'prediction_key', 'predict', 'evaluate_model', 'load_results', 'results_table',
+           'plot_scores', 'write_report', 'evaluation_models', 'run_evaluation', 'eval_cli']
 
 # %% ../nbs/18_sentibench.ipynb #90806d3c
 _SA = ("Please perform Sentiment Analysis task. Given the sentence, assign a sentiment polarity label from {labels}. "
@@ -52,6 +51,7 @@ CLASSIFICATION_INSTRUCTIONS = {
                            "other text.",
 }
 
+# %% ../nbs/18_sentibench.ipynb #84d90c31
 _ASQP_CATEGORIES_REFERENCE = ("['ambience general', 'drinks prices','drinks quality', 'drinks style_options', "
                               "'food general', 'food prices', 'food quality', 'food style_options', 'location general', "
                               "'restaurant general', 'restaurant miscellaneous', 'restaurant pcrices', 'service general']")
@@ -84,6 +84,7 @@ Example output format:
   }}
 ]"""
 
+# %% ../nbs/18_sentibench.ipynb #f0d766b8
 _OPENER = """Please perform the Structured Sentiment Analysis task. Given a sentence, extract all opinion tuples in the format (holder, target, sentiment expression, sentiment polarity). 
 
 Each tuple should contain:
@@ -116,6 +117,7 @@ Example output format:
   }
 ]"""
 
+# %% ../nbs/18_sentibench.ipynb #f851667e
 _ATSA = """Please perform Aspect Term Sentiment Analysis task. Given the sentence, extract all aspect terms and their corresponding sentiment polarities.
 Return your answer in JSON format as an array of objects, each with the fields:
 - "aspect_term": the extracted aspect
@@ -144,7 +146,7 @@ Example output format:
   }
 ]"""
 
-
+# %% ../nbs/18_sentibench.ipynb #05ade427
 def fsa_instruction(name: str, fixed: bool = False) -> str:
     "The reference instruction of an FSA dataset (`fixed`: typos that change the task corrected)."
     if name == "absa/atsa_rest16":
@@ -283,7 +285,7 @@ def extract_answer(prompt: str, continuation: str, shots: int, fixed: bool = Fal
     j = tail.rfind("}")
     return tail[:j + 1] + "]" if j != -1 else "Error: Sixth output not found"
 
-
+# %% ../nbs/18_sentibench.ipynb #c00d02de
 _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 # what finishes a JSON token cut off at the end of the text: a number ('-', '1.', '1e+'), a string, also inside an
 # escape ('"a', '"a\\', '"\\u12'); literals ('tr', '-Inf') are finished from `_LITERALS`
@@ -304,7 +306,7 @@ def _array_state(text: str, i: int) -> str:
                 return "pending"
     return "broken"
 
-
+# %% ../nbs/18_sentibench.ipynb #20046777
 def answer_complete(prompt: str, continuation: str, shots: int, fixed: bool = False) -> bool:
     "True once more generated text can no longer change the extracted answer."
     if fixed:
@@ -316,7 +318,7 @@ def answer_complete(prompt: str, continuation: str, shots: int, fixed: bool = Fa
         return False
     return "]" in continuation and len(_OUTPUT.findall(prompt + continuation)) >= shots + 1
 
-
+# %% ../nbs/18_sentibench.ipynb #161cbc49
 def parse_answer(answer: str):
     "The JSON value of an answer (`json.loads`, else the text between the first `[` and the last `]`), or None."
     try:
@@ -329,7 +331,7 @@ def parse_answer(answer: str):
     except (json.JSONDecodeError, TypeError):
         return None
 
-# %% ../nbs/18_sentibench.ipynb #c00d02de
+# %% ../nbs/18_sentibench.ipynb #429eeb77
 INVALID = None  # an invalid predicted item: counts as a prediction (false positive) but never matches
 _POLARITIES = ("positive", "neutral", "negative")
 
@@ -373,7 +375,7 @@ def _quad_item(item, keys, valid_polarity):
 _ASQP_KEYS = ("aspect_term", "aspect_category", "opinion", "sentiment")
 _OPENER_KEYS = ("holder", "target", "sentiment_expression", "sentiment_polarity")
 
-
+# %% ../nbs/18_sentibench.ipynb #3fedc9bb
 def predicted_items(name: str, answer: str, sentence: str, fixed: bool = False) -> list:
     """The predicted tuples of one FSA answer; `INVALID` marks an invalid item that counts as a false positive.
     OpeNER and (by default) ASQP drop invalid items instead, as the reference does."""
@@ -463,7 +465,7 @@ def opinion_tuples(sentence: str, opinions: list[dict]) -> list[tuple]:
     return [(_token_set(o["Source"][1], spans), _token_set(o["Target"][1], spans),
              _token_set(o["Polar_expression"][1], spans), o["Polarity"]) for o in opinions]
 
-
+# %% ../nbs/18_sentibench.ipynb #0506143a
 def predicted_opinions(sentence: str, items: list[tuple], fixed: bool = False) -> list[dict]:
     "Map predicted (holder, target, expression, polarity) strings back to OpeNER opinions with character offsets."
     spans = space_spans(sentence)
@@ -492,7 +494,7 @@ def predicted_opinions(sentence: str, items: list[tuple], fixed: bool = False) -
                     "Polarity": pol.capitalize()})
     return out
 
-
+# %% ../nbs/18_sentibench.ipynb #b33b5ca3
 def _best_overlap(t1, others) -> float:
     h1, g1, e1, _ = t1
     h1, g1 = h1 or frozenset("_"), g1 or frozenset("_")
@@ -552,239 +554,10 @@ def score_predictions(name: str, examples: Sequence[Example], predictions: Seque
     m["unparsed"] = unparsed
     return m
 
-# %% ../nbs/18_sentibench.ipynb #1844e2ef
-class _HFTokens:
-    "Verbalizer token helpers over a Hugging Face tokenizer (`self.tokenizer`)."
+# %% ../nbs/18_sentibench.ipynb #11f0c7cb
+from .backends import _ENGINE_ONLY, HFBackend, LlamaCppBackend, VLLMBackend  # noqa: F401 (re-exported)
 
-    def first_token(self, text: str) -> int:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(token_id)
-
-
-class HFBackend(_HFTokens):
-    "transformers model: batched last-position logits for classification, batched greedy generation."
-    name = "hf"
-
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
-                 revision: str | None = None):
-        from compeffdist.models import load_causal_lm, resolve_model
-        self.ref = resolve_model(model, revision)
-        self.model, self.tokenizer = load_causal_lm(self.ref, dtype=dtype, device=device)
-        self.tokenizer.padding_side = "left"
-        self.device = next(self.model.parameters()).device
-        self.batch_size = batch_size
-
-    def _batches(self, prompts: Sequence[str]):
-        "Tokenised prompts in batches of similar length (longest first): (positions, ids, mask)."
-        import torch
-        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        pad = self.tokenizer.pad_token_id
-        for s in range(0, len(order), self.batch_size):
-            pos = order[s:s + self.batch_size]
-            width = len(ids[pos[0]])
-            x = torch.full((len(pos), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for j, i in enumerate(pos):
-                x[j, width - len(ids[i]):] = torch.tensor(ids[i]); mask[j, width - len(ids[i]):] = 1
-            yield pos, x.to(self.device), mask.to(self.device)
-
-    def close(self):
-        "Drop the model and give its memory back to the device (before vLLM, say, starts in this process)."
-        from compeffdist.training import release_memory
-        self.model = None
-        release_memory()
-
-# %% ../nbs/18_sentibench.ipynb #36283b7e
-@patch
-def next_token_scores(self: HFBackend, prompts: Sequence[str], token_ids: Sequence[int]) -> list[tuple[list[float], int]]:
-    "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
-    import torch
-    from compeffdist.difficulty import float32_logits
-    out: list = [None] * len(prompts)
-    penalty = getattr(self.model.generation_config, "repetition_penalty", None) or 1.0
-    cols = torch.tensor(list(token_ids), device=self.device)
-    for pos, x, mask in self._batches(prompts):
-        with torch.no_grad(), float32_logits(self.model):
-            logits = self.model(input_ids=x, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
-        if penalty != 1.0:  # what generate's RepetitionPenaltyLogitsProcessor does to the first-step scores
-            seen = torch.zeros_like(logits, dtype=torch.bool)
-            for j in range(len(x)): seen[j, x[j][mask[j].bool()]] = True
-            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-        sel, top = logits[:, cols].tolist(), logits.argmax(-1).tolist()
-        for j, i in enumerate(pos):
-            out[i] = (sel[j], top[j])
-    return out
-
-# %% ../nbs/18_sentibench.ipynb #1ead8e8c
-@patch
-def generate(self: HFBackend, prompts: Sequence[str], max_new_tokens: int,
-             done: Callable[[str, str], bool] | None = None) -> list[str]:
-    "Greedy continuations; a sequence stops at EOS, at `max_new_tokens`, or once `done(prompt, text)`."
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    tok, out = self.tokenizer, [None] * len(prompts)
-
-    class Done(StoppingCriteria):
-        def __init__(self, rows, start): self.rows, self.start = rows, start
-        def __call__(self, input_ids, scores, **kw):
-            texts = tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-            return torch.tensor([done(prompts[i], t) for i, t in zip(self.rows, texts)], device=input_ids.device)
-
-    for pos, x, mask in self._batches(prompts):
-        crit = StoppingCriteriaList([Done(pos, x.shape[1])]) if done else None
-        with torch.no_grad():
-            gen = self.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      stopping_criteria=crit, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(gen[:, x.shape[1]:], skip_special_tokens=True)
-        for j, i in enumerate(pos):
-            out[i] = texts[j]
-    return out
-
-# %% ../nbs/18_sentibench.ipynb #b83004c4
-class LlamaCppBackend:
-    "llama.cpp on a GGUF file: last-position logits and greedy generation, one prompt at a time, prefix KV reuse."
-    name = "llamacpp"
-
-    def __init__(self, model: str, context_length: int = 8192, n_threads: int | None = None):
-        from compeffdist.models import resolve_model
-        try:
-            import llama_cpp
-        except ImportError:
-            raise CompeffdistError("the llamacpp engine needs the 'llamacpp' extra: pip install 'compeffdist[llamacpp]'") from None
-        self.ref = resolve_model(model)
-        if self.ref.kind != "gguf":
-            raise CompeffdistError(f"the llamacpp engine needs a .gguf model, got '{model}' ({self.ref.kind})")
-        n = n_threads or os.cpu_count()
-        self.llm = llama_cpp.Llama(model_path=self.ref.location, n_ctx=context_length, n_threads=n,
-                                   n_threads_batch=n, logits_all=False, verbose=False)
-        self.batch_size = 1
-
-    def _tokens(self, text: str, bos: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
-
-    def first_token(self, text: str) -> int:
-        return self._tokens(text, bos=False)[0]
-
-    def token_text(self, token_id: int) -> str:
-        return self.llm.detokenize([token_id]).decode("utf-8", errors="replace")
-
-    def _check_fits(self, n: int):
-        if n > self.llm.n_ctx():
-            raise CompeffdistError(f"a prompt of {n} tokens does not fit the context of {self.llm.n_ctx()} tokens: "
-                                   "raise the model's context_length or cut texts with --max-chars")
-
-    def close(self):
-        self.llm.close()
-
-# %% ../nbs/18_sentibench.ipynb #95d8aaf8
-@patch
-def next_token_scores(self: LlamaCppBackend, prompts, token_ids):
-    "For each prompt: the logits of `token_ids` as the next token, and the overall top-1 token id."
-    import numpy as np
-    out = []
-    for p in prompts:
-        toks = self._tokens(p)
-        self._check_fits(len(toks))
-        llm, keep = self.llm, 0
-        for a, b in zip(llm.input_ids[:llm.n_tokens], toks[:-1]):  # reuse the cached common prefix
-            if a != b: break
-            keep += 1
-        llm.n_tokens = keep
-        llm.eval(toks[keep:])
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-        out.append(([float(logits[i]) for i in token_ids], int(logits.argmax())))
-    return out
-
-
-@patch
-def generate(self: LlamaCppBackend, prompts, max_new_tokens, done=None):
-    "Greedy continuations, streamed so that `done(prompt, text)` can stop each one early."
-    out = []
-    for p in prompts:
-        toks = self._tokens(p)
-        self._check_fits(len(toks) + max_new_tokens)
-        text = ""
-        for chunk in self.llm.create_completion(toks, max_tokens=max_new_tokens, temperature=0.0, top_k=1,
-                                                repeat_penalty=1.0, stream=True):
-            text += chunk["choices"][0]["text"]
-            if done and done(p, text): break
-        out.append(text)
-    return out
-
-# %% ../nbs/18_sentibench.ipynb #09887254
-_ENGINE_ONLY = ("load_gguf", "chunk_size", "chat_template_kwargs")  # VLLMEngine options that are not vllm.LLM's
-
-
-class VLLMBackend(_HFTokens):
-    """vLLM (GPU, tensor parallelism): first-step scores and greedy generation from one `vllm.LLM`, nothing loaded
-    twice, so a 70B teacher evaluates on the GPUs it generates on. (Needs the 'vllm' extra.)"""
-    name = "vllm"
-    TOP_K = 20  # vLLM's default max_logprobs
-
-    def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, context_length: int = 8192,
-                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, revision: str | None = None,
-                 tokenizer: str | None = None, load_gguf: bool = False, **kw):
-        from compeffdist.engines import text_only_kwargs
-        from compeffdist.models import hf_model_path, resolve_model
-        try:
-            import vllm
-        except ImportError:
-            raise CompeffdistError("the vllm engine needs the 'vllm' extra: pip install 'compeffdist[vllm]'") from None
-        self.ref = resolve_model(model, revision)
-        location = self.ref.location
-        if self.ref.kind == "gguf" and load_gguf:
-            tokenizer = tokenizer or self.ref.hub_id
-        elif self.ref.kind == "gguf":
-            location = hf_model_path(self.ref)
-        kw = {**text_only_kwargs(location, revision), **{k: v for k, v in kw.items() if k not in _ENGINE_ONLY}}
-        self._vllm, self.batch_size = vllm, batch_size
-        self.llm = vllm.LLM(model=location, tokenizer=tokenizer, revision=revision, dtype=dtype,
-                            max_model_len=context_length, logprobs_mode="raw_logits",
-                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                            **kw)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.penalty = getattr(self.llm.get_default_sampling_params(), "repetition_penalty", None) or 1.0
-
-    def close(self):
-        "Shut vLLM's engine down (its worker processes and their GPU memory), then release what this process holds."
-        from compeffdist.training import release_memory
-        llm, self.llm = self.llm, None
-        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
-        del llm
-        release_memory()
-
-# %% ../nbs/18_sentibench.ipynb #8015ede0
-@patch
-def next_token_scores(self: VLLMBackend, prompts, token_ids):
-    "For each prompt: the (penalised) logits of `token_ids` as the next token, and the overall top-1 token id."
-    ids = list(token_ids)
-    sp = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(set(ids)),
-                                   logprobs=self.TOP_K, repetition_penalty=self.penalty)
-    out = []
-    for o in self.llm.generate(list(prompts), sp, use_tqdm=False):
-        got = o.outputs[0].logprobs[0]  # token id -> Logprob(logit here, rank among the raw logits)
-        seen = set(o.prompt_token_ids)
-        def score(t):
-            if t not in got: return float("-inf")
-            x = got[t].logprob
-            return (x / self.penalty if x > 0 else x * self.penalty) if t in seen and self.penalty != 1.0 else x
-        out.append(([score(t) for t in ids], min(got, key=lambda t: got[t].rank)))
-    return out
-
-
-@patch
-def generate(self: VLLMBackend, prompts, max_new_tokens, done=None):
-    "Greedy continuations of all prompts in one vLLM call."
-    params = self._vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=self.penalty)
-    return [o.outputs[0].text for o in self.llm.generate(list(prompts), params, use_tqdm=False)]
-
-# %% ../nbs/18_sentibench.ipynb #5b45850e
+# %% ../nbs/18_sentibench.ipynb #13992670
 def open_backend(mc: ModelConfig, batch_size: int | None = None):
     "The evaluation backend of a model config (`hf`, `llamacpp` or `vllm`)."
     bs = batch_size or mc.batch_size
@@ -800,7 +573,7 @@ def open_backend(mc: ModelConfig, batch_size: int | None = None):
     raise CompeffdistError(f"SentiBench scoring needs next-token logits: engine '{mc.engine}' cannot give them; "
                            "evaluate with engine hf, llamacpp or vllm")
 
-
+# %% ../nbs/18_sentibench.ipynb #1844e2ef
 def verbalizer(backend, name: str) -> list[int]:
     "Token ids of the first token of `' ' + label` for each label of a BSA/MSA dataset; an error if two coincide."
     ds = sentibench_dataset(name)
@@ -971,7 +744,7 @@ def results_table(results: Sequence[dict]) -> str:
             + ("fixed quirks" if p.get("fixed") else "reference protocol")) if results else ""
     return "\n".join(rows) + note + "\n"
 
-
+# %% ../nbs/18_sentibench.ipynb #28cbd902
 def plot_scores(results: Sequence[dict], path: str | os.PathLike) -> None:
     "Grouped bar plot of the per-dataset scores and the mean of each model."
     from matplotlib.figure import Figure
@@ -1051,7 +824,7 @@ def _int_list(s: str) -> list[int]:
     except ValueError:
         raise CompeffdistError(f"--seeds: expected comma-separated integers, got '{s}'") from None
 
-
+# %% ../nbs/18_sentibench.ipynb #bf9d6333
 def _score_cli(argv) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="compeffdist eval score", description="Score a SentiBench predictions file.")
@@ -1079,7 +852,7 @@ def _score_cli(argv) -> int:
     print(json.dumps({"dataset": ds.name, "score": round(100 * m["f1"], 4), **m}, ensure_ascii=False))
     return 0
 
-
+# %% ../nbs/18_sentibench.ipynb #9f4b861b
 def _eval_parser():
     import argparse
     ap = argparse.ArgumentParser(prog="compeffdist eval", description="SentiBench evaluation (reference protocol). "
@@ -1104,7 +877,7 @@ def _eval_parser():
     ap.add_argument("--out", required=True, help="output folder")
     return ap
 
-
+# %% ../nbs/18_sentibench.ipynb #20cb62b5
 def eval_cli(argv: list[str] | None = None) -> int:
     "compeffdist eval: evaluate a model on SentiBench (reference protocol), or score a predictions file."
     argv = list(argv or [])
