@@ -13,7 +13,7 @@ from collections import Counter
 
 import numpy as np
 
-from .attributes import as_text, fill, generate_texts, parse_json_lenient, teacher_delta, teacher_snapshot
+from .teacher import as_text, fill, generate_texts, parse_json_lenient, teacher_delta, teacher_snapshot
 from .core import CompeffdistError, InstructionsConfig, StageStats, read_jsonl, stable_hash, write_jsonl
 from .engines import Constraint, SamplingParams, json_ok
 
@@ -21,7 +21,7 @@ from .engines import Constraint, SamplingParams, json_ok
 __all__ = ['MAX_NAMES_IN_PROMPT', 'ANALYSIS_PROMPT', 'TASK_TYPES', 'DEFAULT_TASKS_PER_CLUSTER', 'TASKS_PROMPT', 'REWRITE_PROMPT',
            'REWRITE_RULES', 'FIELD_TYPES', 'REFERENCE_CHARS', 'DEMOS_PROMPT', 'analysis_request', 'parse_numbered_list',
            'tasks_per_cluster', 'tasks_schema', 'tasks_request', 'task_type_of', 'mentions_two_texts', 'parse_tasks',
-           'dedup_by_embedding', 'example_output_schema', 'rewrite_schema', 'rewrite_request', 'schema_from_fields',
+           'dedup_by_embedding', 'rewrite_request', 'example_output_schema', 'rewrite_schema', 'schema_from_fields',
            'output_format_of', 'check_output', 'format_clause', 'parse_rewrite', 'demos_schema', 'demos_requests',
            'parse_demos', 'run_instructions', 'plot_instructions']
 
@@ -165,11 +165,6 @@ _TYPE_WORDS = [("structured", ("structured", "json", "table", "fields", "schema"
                ("scoring", ("scor", "rating", "rate ", "scale", "intensity level", "numeric", "degree")),
                ("open_classification", ("open", "infer the", "free-form", "open-set")),
                ("closed_classification", ("classif", "categor", "label", "detect", "binary", "polarity"))]
-_TWO_TEXTS = re.compile(r"\b(?:text|review|plot|post|tweet|document|sentence|passage)\s*(?:1|a|one)\b.{0,200}?"
-                        r"\b(?:text|review|plot|post|tweet|document|sentence|passage)\s*(?:2|b|two)\b|"
-                        r"\b(?:two|both|pair of|multiple)\s+(?:texts|reviews|posts|tweets|documents|passages)\b|"
-                        r"\b(?:second|other|another)\s+(?:text|review|post|tweet|document)\b|"
-                        r"\bcompare\b.{0,40}\b(?:texts|reviews|posts)\b", re.IGNORECASE | re.DOTALL)
 
 
 def task_type_of(declared, name: str = "", description: str = "") -> str:
@@ -183,12 +178,19 @@ def task_type_of(declared, name: str = "", description: str = "") -> str:
             if any(w in text for w in words): return typ
     return "other"
 
+# %% ../nbs/12_instructions.ipynb #aee90f2d
+_TWO_TEXTS = re.compile(r"\b(?:text|review|plot|post|tweet|document|sentence|passage)\s*(?:1|a|one)\b.{0,200}?"
+                        r"\b(?:text|review|plot|post|tweet|document|sentence|passage)\s*(?:2|b|two)\b|"
+                        r"\b(?:two|both|pair of|multiple)\s+(?:texts|reviews|posts|tweets|documents|passages)\b|"
+                        r"\b(?:second|other|another)\s+(?:text|review|post|tweet|document)\b|"
+                        r"\bcompare\b.{0,40}\b(?:texts|reviews|posts)\b", re.IGNORECASE | re.DOTALL)
+
 
 def mentions_two_texts(*texts) -> bool:
     "True if a task works on two texts (comparisons, 'text 1 … text 2', 'both reviews'…)."
     return any(isinstance(t, str) and _TWO_TEXTS.search(t) for t in texts)
 
-
+# %% ../nbs/12_instructions.ipynb #eef5758b
 def _pick(d: dict, *names):
     keys = {re.sub(r"[\s_\-]+", "", str(k).lower()): v for k, v in d.items()}
     return next((keys[n] for n in names if n in keys), None)
@@ -280,6 +282,14 @@ REWRITE_RULES = {
 FIELD_TYPES = ("string", "number", "integer", "boolean", "array")
 
 
+def rewrite_request(task: dict, cfg: InstructionsConfig) -> list[dict]:
+    "The chat request that rewrites one task into an instruction with examples."
+    rule, shape = REWRITE_RULES[task["task_type"]]
+    return [{"role": "user", "content": fill(REWRITE_PROMPT, task_name=task["task_name"], rule=rule, shape=shape,
+                                             task_type=task["task_type"].replace("_", " "),
+                                             task_description=task["task_description"], n=cfg.min_examples)}]
+
+# %% ../nbs/12_instructions.ipynb #ffe1c965
 def _str(max_len: int, min_len: int = 0) -> dict:
     return {"type": "string", "minLength": min_len, "maxLength": max_len}
 
@@ -312,15 +322,7 @@ def rewrite_schema(task_type: str, n_examples: int) -> dict:
         "properties": {"input": _str(500, 1), "output": example_output_schema(task_type)}}}
     return {"type": "object", "required": list(props), "properties": props}
 
-
-def rewrite_request(task: dict, cfg: InstructionsConfig) -> list[dict]:
-    "The chat request that rewrites one task into an instruction with examples."
-    rule, shape = REWRITE_RULES[task["task_type"]]
-    return [{"role": "user", "content": fill(REWRITE_PROMPT, task_name=task["task_name"], rule=rule, shape=shape,
-                                             task_type=task["task_type"].replace("_", " "),
-                                             task_description=task["task_description"], n=cfg.min_examples)}]
-
-# %% ../nbs/12_instructions.ipynb #ffe1c965
+# %% ../nbs/12_instructions.ipynb #84e8c5b8
 def _num(v):
     "A number from an int, float or numeric string (None otherwise)."
     if isinstance(v, bool): return None
@@ -364,7 +366,7 @@ def _loads(v):
         return got
     return v
 
-
+# %% ../nbs/12_instructions.ipynb #85c8eb6c
 def output_format_of(task_type: str, rewrite: dict, examples: list) -> dict | None:
     "The `output_format` of a task (None if a closed set, scale or schema cannot be found)."
     outs = [e.get("output") for e in examples if isinstance(e, dict)]
@@ -393,7 +395,7 @@ def output_format_of(task_type: str, rewrite: dict, examples: list) -> dict | No
         return {"json_schema": schema}
     return {}
 
-
+# %% ../nbs/12_instructions.ipynb #7f9661cc
 def check_output(task_type: str, output_format: dict, input_text, output) -> tuple[str | None, str]:
     "Validate one output against a task's format: `(output as text, 'ok')` or `(None, reason)`."
     if not isinstance(input_text, str) or not input_text.strip(): return None, "empty_input"
@@ -426,7 +428,7 @@ def check_output(task_type: str, output_format: dict, input_text, output) -> tup
     if text is None: return None, "wrong_type"
     return (text.strip(), "ok") if text.strip() else (None, "empty_output")
 
-
+# %% ../nbs/12_instructions.ipynb #aa21177f
 def format_clause(task_type: str, output_format: dict) -> str:
     "The sentence that states a task's output format, appended to its instruction."
     fmt = output_format or {}
@@ -531,7 +533,7 @@ def demos_requests(task: dict, pool: list[str], cfg: InstructionsConfig, seed: i
         out.append(([{"role": "user", "content": msg}], refs))
     return out
 
-
+# %% ../nbs/12_instructions.ipynb #70598a93
 def _key_text(s) -> str:
     "A text for duplicate checks: lower-case words only (so a copy cut with ' …' still matches its source)."
     return " ".join(re.sub(r"[\W_]+", " ", str(s).lower()).split())
@@ -580,30 +582,20 @@ def _dedup(items: list[dict], key, ctx, stats: StageStats, what: str) -> list[di
         {"removed": texts[r["removed"]], "kept": texts[r["kept"]], "similarity": r["similarity"]} for r in removed]
     return [items[i] for i in kept]
 
+# %% ../nbs/12_instructions.ipynb #fb03c7ee
+def _ask(ctx, stats: StageStats, steps: dict, name: str, requests: list, decoding, constraints=None) -> list:
+    "One step's teacher call (a constraint per request); truncations counted, the step's teacher use recorded."
+    before = teacher_snapshot(ctx.teacher)
+    res = generate_texts(ctx, requests, SamplingParams.from_config(decoding), constraints, desc=name)
+    stats.add(f"{name}_truncated", sum(f == "length" for _, f in res))
+    steps[name] = teacher_delta(before, ctx.teacher)
+    return res
 
-def run_instructions(ctx) -> StageStats:
-    "Stage `instructions`: analysis instructions, task lists, rewrites and demonstrations for the top clusters."
-    cfg, stats = ctx.cfg.instructions, StageStats()
-    clusters = read_jsonl(ctx.store.path("clustering", "clusters.jsonl"))
-    if not clusters:
-        raise CompeffdistError("clustering/clusters.jsonl is empty: no perspectives to build instructions for")
-    clusters = sorted(clusters, key=lambda c: c["cluster_id"])[:cfg.max_clusters]
-    pool = [t["text"] for t in read_jsonl(ctx.store.path("texts", "texts.jsonl"))]
-    stats.add("clusters", len(clusters))
-    teacher, steps = ctx.teacher, {}
-
-    def call(name, requests, decoding, constraints=None):  # one engine call a step, a constraint per request
-        before = teacher_snapshot(teacher)
-        res = generate_texts(ctx, requests, SamplingParams.from_config(decoding), constraints, desc=name)
-        stats.add(f"{name}_truncated", sum(f == "length" for _, f in res))
-        steps[name] = teacher_delta(before, teacher)
-        return res
-
-    # 1. analysis instructions and 2. task lists (one request per cluster each)
-    ans_analysis = call("analysis", [analysis_request(c, cfg) for c in clusters], cfg.analysis_decoding)
+# %% ../nbs/12_instructions.ipynb #8a5701cb
+def _analysis_and_tasks(clusters: list, ans_analysis: list, ans_tasks: list, cfg: InstructionsConfig,
+                        stats: StageStats) -> tuple[list[dict], list[dict]]:
+    "The analysis prompts and tasks of each cluster's answers (`{cluster, ...}`), within the per-cluster limits."
     n_tasks = tasks_per_cluster(cfg)
-    ans_tasks = call("tasks", [tasks_request(c, cfg) for c in clusters], cfg.tasks_decoding,
-                     [Constraint(json_schema=tasks_schema(n_tasks))] * len(clusters))
     analysis, tasks = [], []
     for c, (a_text, _), (t_text, _) in zip(clusters, ans_analysis, ans_tasks):
         items, drops = parse_numbered_list(a_text)
@@ -616,14 +608,13 @@ def run_instructions(ctx) -> StageStats:
         tasks += [{"cluster": c, **x} for x in found[:n_tasks]]
         if len(found) > n_tasks: stats.drop("tasks:over_max_tasks_per_cluster", len(found) - n_tasks)
     stats.add("analysis_parsed", len(analysis)); stats.add("tasks_parsed", len(tasks))
-    analysis = _dedup(analysis, lambda x: x["instruction"], ctx, stats, "analysis")
-    tasks = _dedup(tasks, lambda x: f"{x['task_name']}: {x['task_description']}", ctx, stats, "task")
+    return analysis, tasks
 
-    # 3. rewrites: description with the output format, seed demonstrations
-    ans_rw = call("rewrite", [rewrite_request(t, cfg) for t in tasks], cfg.rewrite_decoding,
-                  [Constraint(json_schema=rewrite_schema(t["task_type"], cfg.min_examples)) for t in tasks])
+# %% ../nbs/12_instructions.ipynb #3187a2ab
+def _task_records(tasks: list[dict], answers: list, cfg: InstructionsConfig, stats: StageStats) -> list[dict]:
+    "The task records of the rewrite answers (`c<cluster>-task-<k>`); dropped tasks and seed examples counted."
     final_tasks, per_cluster = [], Counter()
-    for t, (text, _) in zip(tasks, ans_rw):
+    for t, (text, _) in zip(tasks, answers):
         got, drops = parse_rewrite(text, t, cfg)
         for k, v in drops.items(): stats.drop(k, v)
         if got is None: continue
@@ -637,26 +628,56 @@ def run_instructions(ctx) -> StageStats:
         final_tasks.append(rec)
         stats.add("seed_demonstrations", len(got["demonstrations"]))
         stats.add("rewrites_with_min_examples", got["examples_given"] >= cfg.min_examples)
+    return final_tasks
 
-    # 4. demonstrations in the style of real texts
-    jobs = [(rec, req, refs) for rec in final_tasks for req, refs in demos_requests(rec, pool, cfg, ctx.cfg.run.seed)]
-    ans_demos = call("demos", [req for _, req, _ in jobs], cfg.demos_decoding,
-                     [Constraint(json_schema=demos_schema(rec["task_type"], rec["output_format"])) for rec, _, _ in jobs])
-    for (rec, _, refs), (text, _) in zip(jobs, ans_demos):
+# %% ../nbs/12_instructions.ipynb #38664f74
+def _add_demos(ctx, records: list[dict], pool: list[str], cfg: InstructionsConfig, stats: StageStats, steps: dict):
+    "Ask for each task's demonstrations in one teacher call; append the valid ones to its record."
+    jobs = [(rec, req, refs) for rec in records for req, refs in demos_requests(rec, pool, cfg, ctx.cfg.run.seed)]
+    answers = _ask(ctx, stats, steps, "demos", [req for _, req, _ in jobs], cfg.demos_decoding,
+                   [Constraint(json_schema=demos_schema(rec["task_type"], rec["output_format"])) for rec, _, _ in jobs])
+    for (rec, _, refs), (text, _) in zip(jobs, answers):
         got, drops = parse_demos(text, rec, refs)
         for k, v in drops.items(): stats.drop(k, v)
         rec["demonstrations"] += got
         stats.add("generated_demonstrations", len(got))
 
-    per_cluster_a = Counter()
-    records = []
+
+def _analysis_records(analysis: list[dict]) -> list[dict]:
+    "Records of the analysis prompts (`c<cluster>-analysis-<k>`)."
+    per_cluster, records = Counter(), []
     for a in analysis:
         c = a["cluster"]
-        records.append(_record(f"c{c['cluster_id']}-analysis-{per_cluster_a[c['cluster_id']]}", c, "analysis",
+        records.append(_record(f"c{c['cluster_id']}-analysis-{per_cluster[c['cluster_id']]}", c, "analysis",
                                task_name="analysis", task_type="analysis", instruction=a["instruction"],
                                output_format={}, demonstrations=[]))
-        per_cluster_a[c["cluster_id"]] += 1
-    records += final_tasks
+        per_cluster[c["cluster_id"]] += 1
+    return records
+
+# %% ../nbs/12_instructions.ipynb #e00cb018
+def run_instructions(ctx) -> StageStats:
+    "Stage `instructions`: analysis instructions, task lists, rewrites and demonstrations for the top clusters."
+    cfg, stats, steps = ctx.cfg.instructions, StageStats(), {}
+    clusters = read_jsonl(ctx.store.path("clustering", "clusters.jsonl"))
+    if not clusters:
+        raise CompeffdistError("clustering/clusters.jsonl is empty: no perspectives to build instructions for")
+    clusters = sorted(clusters, key=lambda c: c["cluster_id"])[:cfg.max_clusters]
+    pool = [t["text"] for t in read_jsonl(ctx.store.path("texts", "texts.jsonl"))]
+    stats.add("clusters", len(clusters))
+    # 1. analysis instructions and 2. task lists (one request per cluster each)
+    ans_analysis = _ask(ctx, stats, steps, "analysis", [analysis_request(c, cfg) for c in clusters], cfg.analysis_decoding)
+    ans_tasks = _ask(ctx, stats, steps, "tasks", [tasks_request(c, cfg) for c in clusters], cfg.tasks_decoding,
+                     [Constraint(json_schema=tasks_schema(tasks_per_cluster(cfg)))] * len(clusters))
+    analysis, tasks = _analysis_and_tasks(clusters, ans_analysis, ans_tasks, cfg, stats)
+    analysis = _dedup(analysis, lambda x: x["instruction"], ctx, stats, "analysis")
+    tasks = _dedup(tasks, lambda x: f"{x['task_name']}: {x['task_description']}", ctx, stats, "task")
+    # 3. rewrites: description with the output format, seed demonstrations
+    ans_rw = _ask(ctx, stats, steps, "rewrite", [rewrite_request(t, cfg) for t in tasks], cfg.rewrite_decoding,
+                  [Constraint(json_schema=rewrite_schema(t["task_type"], cfg.min_examples)) for t in tasks])
+    final_tasks = _task_records(tasks, ans_rw, cfg, stats)
+    # 4. demonstrations in the style of real texts
+    _add_demos(ctx, final_tasks, pool, cfg, stats, steps)
+    records = _analysis_records(analysis) + final_tasks
     records.sort(key=lambda r: (r["cluster_id"], r["kind"] != "analysis"))
     stats.add("analysis_instructions", len(analysis)); stats.add("task_instructions", len(final_tasks))
     stats.add("instructions", len(records))
