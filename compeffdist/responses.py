@@ -38,7 +38,7 @@ def constraint_for(output_format) -> Constraint | None:
         return Constraint(json_schema=schema)
     return None
 
-# %% ../nbs/14_responses.ipynb #1002fee2
+# %% ../nbs/14_responses.ipynb #e1d035ba
 _SPAN_KEYS = ("span", "term", "text", "phrase", "word", "keyword", "quote", "evidence", "trigger", "aspect", "opinion",
               "target", "sentence", "expression", "cause", "entity", "mention", "holder")
 _NONE = {"", "none", "n/a", "na", "null", "[]", "no spans", "nothing"}
@@ -73,7 +73,7 @@ def extract_spans(output: str) -> list[str]:
     lines = [re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", l).strip().strip("\"'`") for l in output.splitlines()]
     return [l for l in lines if _norm(l) not in _NONE]
 
-
+# %% ../nbs/14_responses.ipynb #f64dc3e5
 def _numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text)]
 
