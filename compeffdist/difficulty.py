@@ -108,7 +108,7 @@ class EncodedSample:
     def targets(self) -> list[int]:
         return self.ids[self.start:]
 
-
+# %% ../nbs/15_difficulty.ipynb #5035b861
 def chat_prompt(tokenizer, instruction: str) -> str:
     "The student prompt as training renders it: the chat template with one user turn and the generation prompt."
     return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
@@ -119,7 +119,7 @@ def raw_text(instruction: str, output: str) -> str:
     "The reference's raw text: the stripped instruction with 'Input: '/'Output: ' tightened, then the output."
     return instruction.strip().replace("Input: ", "Input:").replace("Output: ", "Output:") + output
 
-
+# %% ../nbs/15_difficulty.ipynb #32a36955
 def _fields(record: dict) -> tuple[str, str]:
     ins, out = record.get("instruction"), record.get("output")
     if not isinstance(ins, str) or not ins.strip():
@@ -474,7 +474,7 @@ def percentile_ranks(y: Sequence[float]) -> np.ndarray:
     from scipy.stats import rankdata
     return (rankdata(y) - 0.5) / len(y)
 
-
+# %% ../nbs/15_difficulty.ipynb #2539caf0
 class DifficultyProxy:
     "A small LM with a linear regression head that predicts a difficulty score from the prompt alone."
 
@@ -497,75 +497,85 @@ class DifficultyProxy:
         self.train_scores = None
         self._memo: dict = {}
 
-    def _pooled(self, texts: Sequence[str]):
-        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_length).to(self.device)
-        h = self.backbone(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1)
+# %% ../nbs/15_difficulty.ipynb #294eba4d
+@patch
+def _pooled(self: DifficultyProxy, texts: Sequence[str]):
+    enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                         max_length=self.max_length).to(self.device)
+    h = self.backbone(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
 
-    def features(self, texts: Sequence[str]) -> np.ndarray:
-        "Mean-pooled last hidden states of the LM, [n, hidden] (memoised per text while the LM is unchanged)."
-        import torch
-        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        with torch.inference_mode():
-            for s in range(0, len(todo), self.batch_size):
-                chunk = todo[s:s + self.batch_size]
-                for t, f in zip(chunk, self._pooled(chunk).float().cpu().numpy()):
-                    self._memo[t] = f
-        return np.stack([self._memo[t] for t in texts])
 
-    def fit(self, texts: Sequence[str], scores: Sequence[float], finetune: bool = False, epochs: float = 3,
-            learning_rate: float = 2e-5, seed: int = 0) -> "DifficultyProxy":
-        "Fit the head by ridge regression (frozen LM); with `finetune`, then train LM and head end to end."
-        from sklearn.linear_model import RidgeCV
-        y = np.asarray(scores, float)
-        if len(y) < 4:
-            raise CompeffdistError(f"the proxy needs at least 4 scored samples to train, got {len(y)}")
-        self.train_scores = np.sort(y)
-        t = percentile_ranks(y) if self.target == "rank" else y
-        X = self.features(texts)
-        mu, sd = X.mean(0), X.std(0) + 1e-6
-        ridge = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit((X - mu) / sd, t)
-        self.w = ridge.coef_ / sd  # the head on raw features
-        self.b = float(ridge.intercept_ - (ridge.coef_ * mu / sd).sum())
-        self.alpha = float(ridge.alpha_)
-        if finetune and epochs > 0:
-            self._finetune(list(texts), t, epochs, learning_rate, seed)
-        return self
+@patch
+def features(self: DifficultyProxy, texts: Sequence[str]) -> np.ndarray:
+    "Mean-pooled last hidden states of the LM, [n, hidden] (memoised per text while the LM is unchanged)."
+    import torch
+    todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+    with torch.inference_mode():
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s:s + self.batch_size]
+            for t, f in zip(chunk, self._pooled(chunk).float().cpu().numpy()):
+                self._memo[t] = f
+    return np.stack([self._memo[t] for t in texts])
 
-    def _finetune(self, texts, t, epochs, lr, seed):
-        import torch
-        torch.manual_seed(seed)
-        self._memo.clear()  # the LM changes
-        w = torch.nn.Parameter(torch.tensor(self.w, dtype=torch.float32, device=self.device))
-        b = torch.nn.Parameter(torch.tensor(self.b, dtype=torch.float32, device=self.device))
-        opt = torch.optim.AdamW(list(self.backbone.parameters()) + [w, b], lr=lr)
-        rng, order = random.Random(seed), list(range(len(texts)))
-        steps = max(1, round(epochs * math.ceil(len(texts) / self.batch_size)))
-        self.backbone.train()
-        done = 0
-        while done < steps:
-            rng.shuffle(order)
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                pred = self._pooled([texts[i] for i in idx]) @ w + b
-                loss = torch.nn.functional.mse_loss(pred, torch.tensor(t[idx], dtype=torch.float32, device=self.device))
-                opt.zero_grad(); loss.backward(); opt.step()
-                done += 1
-                if done >= steps: break
-        self.backbone.eval()
-        self._memo.clear()
-        self.w, self.b = w.detach().cpu().numpy(), float(b.detach())
+# %% ../nbs/15_difficulty.ipynb #6d18f831
+@patch
+def fit(self: DifficultyProxy, texts: Sequence[str], scores: Sequence[float], finetune: bool = False,
+        epochs: float = 3, learning_rate: float = 2e-5, seed: int = 0) -> "DifficultyProxy":
+    "Fit the head by ridge regression (frozen LM); with `finetune`, then train LM and head end to end."
+    from sklearn.linear_model import RidgeCV
+    y = np.asarray(scores, float)
+    if len(y) < 4:
+        raise CompeffdistError(f"the proxy needs at least 4 scored samples to train, got {len(y)}")
+    self.train_scores = np.sort(y)
+    t = percentile_ranks(y) if self.target == "rank" else y
+    X = self.features(texts)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    ridge = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit((X - mu) / sd, t)
+    self.w = ridge.coef_ / sd  # the head on raw features
+    self.b = float(ridge.intercept_ - (ridge.coef_ * mu / sd).sum())
+    self.alpha = float(ridge.alpha_)
+    if finetune and epochs > 0:
+        self._finetune(list(texts), t, epochs, learning_rate, seed)
+    return self
 
-    def predict(self, texts: Sequence[str]) -> np.ndarray:
-        "Predicted difficulty scores (on the scale of the training scores)."
-        if self.w is None:
-            raise CompeffdistError("the proxy is not trained: call fit first")
-        out = self.features(texts) @ self.w + self.b
-        if self.target == "rank":  # percentile -> score through the training scores' quantiles
-            out = np.quantile(self.train_scores, np.clip(out, 0.0, 1.0))
-        return out
+# %% ../nbs/15_difficulty.ipynb #7e809697
+@patch
+def _finetune(self: DifficultyProxy, texts, t, epochs, lr, seed):
+    import torch
+    torch.manual_seed(seed)
+    self._memo.clear()  # the LM changes
+    w = torch.nn.Parameter(torch.tensor(self.w, dtype=torch.float32, device=self.device))
+    b = torch.nn.Parameter(torch.tensor(self.b, dtype=torch.float32, device=self.device))
+    opt = torch.optim.AdamW(list(self.backbone.parameters()) + [w, b], lr=lr)
+    rng, order = random.Random(seed), list(range(len(texts)))
+    steps = max(1, round(epochs * math.ceil(len(texts) / self.batch_size)))
+    self.backbone.train()
+    done = 0
+    while done < steps:
+        rng.shuffle(order)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            pred = self._pooled([texts[i] for i in idx]) @ w + b
+            loss = torch.nn.functional.mse_loss(pred, torch.tensor(t[idx], dtype=torch.float32, device=self.device))
+            opt.zero_grad(); loss.backward(); opt.step()
+            done += 1
+            if done >= steps: break
+    self.backbone.eval()
+    self._memo.clear()
+    self.w, self.b = w.detach().cpu().numpy(), float(b.detach())
+
+# %% ../nbs/15_difficulty.ipynb #8cd08549
+@patch
+def predict(self: DifficultyProxy, texts: Sequence[str]) -> np.ndarray:
+    "Predicted difficulty scores (on the scale of the training scores)."
+    if self.w is None:
+        raise CompeffdistError("the proxy is not trained: call fit first")
+    out = self.features(texts) @ self.w + self.b
+    if self.target == "rank":  # percentile -> score through the training scores' quantiles
+        out = np.quantile(self.train_scores, np.clip(out, 0.0, 1.0))
+    return out
 
 # %% ../nbs/15_difficulty.ipynb #ff03264c
 @dataclass
@@ -672,10 +682,9 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(a.mean()), "p10": float(np.quantile(a, 0.1)), "p50": float(np.median(a)),
             "p90": float(np.quantile(a, 0.9))} if len(a) else {}
 
-
-def run_difficulty(ctx) -> StageStats:
-    "Stage `difficulty`: rank / ppl / ifd / length of every response, by the warm-up (else base) student."
-    cfg, stats = ctx.cfg.difficulty, StageStats()
+# %% ../nbs/15_difficulty.ipynb #841ca871
+def _records_to_score(ctx, stats: StageStats) -> list[dict]:
+    "The responses to score: all of them but those the warm-up student was trained on."
     records = read_jsonl(ctx.store.path("responses", "samples.jsonl"))
     stats.add("samples_in", len(records))
     warm = _warmup_ids(ctx)  # the warm-up student was trained on these: score the rest
@@ -684,6 +693,13 @@ def run_difficulty(ctx) -> StageStats:
         records = [r for r in records if r.get("id") not in warm]
         if not records:
             raise CompeffdistError("difficulty: every response is in the warm-up subset (lower warmup.fraction)")
+    return records
+
+
+def run_difficulty(ctx) -> StageStats:
+    "Stage `difficulty`: rank / ppl / ifd / length of every response, by the warm-up (else base) student."
+    cfg, stats = ctx.cfg.difficulty, StageStats()
+    records = _records_to_score(ctx, stats)
     spec, procs = scoring_model(ctx), processes(ctx.cfg.student.device)
     stats.info["scoring_model"] = "warmup/model" if spec.endswith(os.path.join("warmup", "model")) else spec
     scorer = DifficultyScorer.load(spec, device=procs.device, dtype=cfg.dtype, fmt=cfg.format, top_p=cfg.top_p,
@@ -727,7 +743,7 @@ def run_difficulty(ctx) -> StageStats:
                              for m in cfg.metrics}
     return stats
 
-
+# %% ../nbs/15_difficulty.ipynb #9cfcdbe2
 def _proxy_fill(ctx, records, results, direct, scorer, stats, procs: Processes = Processes()):
     "Train the proxy on the direct scores (less a held-out part it is measured on), predict every other record."
     pc = ctx.cfg.difficulty.proxy
