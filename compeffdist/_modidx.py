@@ -801,4 +801,5 @@ d = { 'settings': { 'branch': 'main',
                                       'compeffdist.training.tokenize_records': ( 'training.html#tokenize_records',
                                                                                  'compeffdist/training.py'),
                                       'compeffdist.training.train_cli': ('training.html#train_cli', 'compeffdist/training.py'),
-                                      'compeffdist.training.train_student': ('training.html#train_student', 'compeffdist/training.py')}}}
+                                      'compeffdist.training.train_student': ('training.html#train_student', 'compeffdist/training.py'),
+                                      'compeffdist.training.warmup_subset': ('training.html#warmup_subset', 'compeffdist/training.py')}}}

@@ -20,7 +20,7 @@ from .core import (CompeffdistError, ModelConfig, StageStats, TrainingConfig, pa
 # %% auto #0
 __all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'sft_args', 'one_gpu_per_process',
            'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'train_student',
-           'completion_loss', 'run_warmup', 'run_training', 'train_cli']
+           'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
 
 # %% ../nbs/17_training.ipynb #57c27b6c
 def load_records(data: Sequence[dict] | str | os.PathLike) -> tuple[list[dict], str]:
@@ -295,6 +295,16 @@ def completion_loss(model: str, records: Sequence[dict], max_length: int = 2048,
     return total / max(n, 1)
 
 # %% ../nbs/17_training.ipynb #a2c473f0
+def warmup_subset(records: Sequence[dict], wc, seed: int) -> tuple[list[dict], list[dict]]:
+    "The verified records, and the random `wc.fraction` of them (at most `wc.max_samples`) the warm-up trains on."
+    ok = [r for r in records if (r.get("verification") or {}).get("ok", True)]
+    if not ok:
+        raise CompeffdistError("warm-up: no verified teacher response in responses/samples.jsonl")
+    n = max(1, round(wc.fraction * len(ok)))
+    n = min(n, wc.max_samples) if wc.max_samples else n
+    return ok, random.Random(seed).sample(ok, n)
+
+# %% ../nbs/17_training.ipynb #c60669fe
 def run_warmup(ctx) -> StageStats:
     "Stage `warmup`: a brief fine-tune of the student on a random subset of the teacher responses."
     wc, stats = ctx.cfg.warmup, StageStats()
@@ -302,14 +312,9 @@ def run_warmup(ctx) -> StageStats:
         stats.info["enabled"] = False
         return stats
     records = read_jsonl(ctx.store.path("responses", "samples.jsonl"))
-    ok = [r for r in records if (r.get("verification") or {}).get("ok", True)]
     stats.add("samples_in", len(records))
+    ok, subset = warmup_subset(records, wc, ctx.cfg.run.seed)
     stats.drop("verification_failed", len(records) - len(ok))
-    if not ok:
-        raise CompeffdistError("warm-up: no verified teacher response in responses/samples.jsonl")
-    n = max(1, round(wc.fraction * len(ok)))
-    n = min(n, wc.max_samples) if wc.max_samples else n
-    subset = random.Random(ctx.cfg.run.seed).sample(ok, n)
     card = train_student(ctx.cfg.student.model, subset, ctx.store.path("warmup", "model"), wc.training,
                          ctx.cfg.student, progress=ctx.progress,
                          extra_card={"fraction": wc.fraction, "sample_ids": [r.get("id") for r in subset]})
