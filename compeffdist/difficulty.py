@@ -695,7 +695,7 @@ def _records_to_score(ctx, stats: StageStats) -> list[dict]:
             raise CompeffdistError("difficulty: every response is in the warm-up subset (lower warmup.fraction)")
     return records
 
-
+# %% ../nbs/15_difficulty.ipynb #28c540fc
 def run_difficulty(ctx) -> StageStats:
     "Stage `difficulty`: rank / ppl / ifd / length of every response, by the warm-up (else base) student."
     cfg, stats = ctx.cfg.difficulty, StageStats()

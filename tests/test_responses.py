@@ -166,3 +166,15 @@ def test_real_engine_constraints(tmp_path, smol_llamacpp):
     assert got[0]["output"] in ("positive", "negative", "mixed")
     assert json.loads(got[1]["output"])["sentiment"] in ("positive", "negative")
     assert teacher.stats.misses == 2 and len(teacher.cache) == 2
+
+
+def test_the_demo_runs_answers_verify_again():
+    "The committed demo run: every answer it kept passes verification again, and the samples it lost were cut."
+    from pathlib import Path
+    from compeffdist.core import read_json, read_jsonl
+    from compeffdist.responses import verify_response
+    fx = Path(__file__).parent / "fixtures" / "demo_run"
+    answers = read_jsonl(fx / "responses" / "samples.jsonl")
+    assert all(verify_response(r, r["output"], r["finish_reason"]) == [] for r in answers)
+    lost = len(read_jsonl(fx / "pairing" / "samples.jsonl")) - len(answers)
+    assert read_json(fx / "responses" / "manifest.json")["stats"]["drops"] == {"truncated": lost}

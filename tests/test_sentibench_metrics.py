@@ -233,3 +233,14 @@ def test_opener_and_split():
     # the reference splits on the bare substring 'AND': a holder is not split, but a target 'ANDY' is
     assert predicted_opinions(sent, [("NULL", "ANDY", "loved", "positive")])[0]["Target"][0] == ["", "Y"]
     assert predicted_opinions(sent, [("NULL", "ANDY", "loved", "positive")], fixed=True)[0]["Target"][0] == ["ANDY"]
+
+
+def test_the_backends_live_in_their_own_module_and_are_reexported():
+    "compeffdist.backends needs nothing of the protocol; compeffdist.sentibench re-exports its names unchanged."
+    import subprocess
+    import sys
+    code = ("import sys, compeffdist.backends as b; assert 'compeffdist.sentibench' not in sys.modules; "
+            "import compeffdist.sentibench as s; "
+            "assert all(getattr(s, n) is getattr(b, n) for n in ('HFBackend', 'LlamaCppBackend', 'VLLMBackend', "
+            "'_ENGINE_ONLY'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -129,3 +129,19 @@ def test_train_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sampling/kept.jsonl not found" in err[0]
     assert main(["train", "--config", str(cfg), "--data", str(tmp_path / "x.jsonl"), "--out", "o", "--lr", "-1"]) == 2
+
+
+def test_the_demo_runs_training_data_is_drawn_and_tokenised_again(tok):
+    """The committed demo run: the warm-up subset is drawn again from its verified answers, and the kept samples
+    tokenise to the data section of its training card (hash, counts, tokens)."""
+    from pathlib import Path
+    from compeffdist.core import read_json, read_jsonl
+    from compeffdist.training import data_hash, warmup_subset
+    fx = Path(__file__).parent / "fixtures" / "demo_run"
+    cfg = load_config(fx / "config.yaml")
+    ok, subset = warmup_subset(read_jsonl(fx / "responses" / "samples.jsonl"), cfg.warmup, cfg.run.seed)
+    card = read_json(fx / "warmup" / "card.json")
+    assert [r["id"] for r in subset] == card["sample_ids"] and data_hash(subset) == card["data"]["hash"]
+    kept = read_jsonl(fx / "sampling" / "kept.jsonl")
+    _, info = tokenize_records(tok, kept, cfg.training.max_length)
+    assert {"source": "records", "hash": data_hash(kept), **info} == read_json(fx / "training" / "card.json")["data"]
