@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline]"
-	@# llama.cpp compiled here with the CPU options of compeffdist.llama_server.cpu_cmake_args (portable x86-64 plus
-	@# the AVX-512 this CPU has, never AMX: a VM may report AMX without enabling it), for llama-cpp-python and the server
-	CMAKE_ARGS="$${CMAKE_ARGS:-$$($(BIN)/python -c 'from compeffdist.llama_server import cpu_cmake_args; print(*cpu_cmake_args())')}" \
-	  $(BIN)/pip install -q --no-cache-dir -c constraints.txt -e ".[llamacpp]"
+	@# llama.cpp compiled first, with the CPU options of compeffdist.llama_build (the portable x86-64 set plus each
+	@# AVX-512 extension this CPU executes, never AMX: a VM may report instructions it does not run), so that nothing
+	@# else (the bundled student package asks for llama-cpp-python too) compiles it with llama.cpp's native tuning
+	args="$${CMAKE_ARGS:-$$($(BIN)/python -m compeffdist.llama_build)}" && test -n "$$args" && \
+	  CMAKE_ARGS="$$args" $(BIN)/pip install -q --no-cache-dir -c constraints.txt llama-cpp-python
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,llamacpp]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt xgrammar apache-tvm-ffi  # hf JSON grammars, without triton (CPU)
 	$(BIN)/compeffdist llama-server build  # llama.cpp's server from the same source: the llamacpp engine's parallel decoding
 	@touch $@

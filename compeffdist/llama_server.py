@@ -25,11 +25,12 @@ from fastcore.basics import patch
 
 from .core import CompeffdistError, cache_dir
 from .engines import Constraint, OpenAIEngine, resolve_model
+from .llama_build import cpu_cmake_args
 
 # %% auto #0
-__all__ = ['AVX512_OPTIONS', 'CMAKE_FLAGS', 'llama_cpp_version', 'default_server_path', 'find_llama_server', 'cpu_cmake_args',
-           'cpu_flags', 'build_stamp', 'build_llama_server', 'check_llama_server', 'LlamaServer', 'choice_grammar',
-           'schema_grammar', 'LlamaServerEngine', 'llama_server_cli']
+__all__ = ['CMAKE_FLAGS', 'llama_cpp_version', 'default_server_path', 'find_llama_server', 'cpu_flags', 'build_stamp',
+           'build_llama_server', 'check_llama_server', 'LlamaServer', 'choice_grammar', 'schema_grammar',
+           'LlamaServerEngine', 'llama_server_cli']
 
 # %% ../nbs/01a_llama_server.ipynb #8ed846e3
 def llama_cpp_version() -> str:
@@ -76,22 +77,7 @@ def _llama_cpp_source(work: Path, version: str, source: str | os.PathLike | None
         tar.extractall(work, members=members, filter="data")
     return work / prefix
 
-# %% ../nbs/01a_llama_server.ipynb #283009d8
-AVX512_OPTIONS = {"avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
-                  "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
-
-
-def cpu_cmake_args(cpuinfo: str | None = None) -> list[str]:
-    """llama.cpp's CPU options for this machine. On x86-64 Linux: the portable set (`GGML_NATIVE=OFF`: SSE4.2, AVX,
-    AVX2, FMA, F16C, BMI2) plus the AVX-512 extensions the CPU reports, never AMX; elsewhere llama.cpp's own tuning."""
-    if cpuinfo is None:
-        if platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file():
-            return ["-DGGML_NATIVE=ON"]
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), []))
-    return ["-DGGML_NATIVE=OFF"] + [f"-D{opt}=ON" for flag, opt in AVX512_OPTIONS.items() if flag in flags]
-
-
+# %% ../nbs/01a_llama_server.ipynb #d4b8f0a3
 def cpu_flags() -> list[str]:
     "The CPU options of a build: `$CMAKE_ARGS` (as llama-cpp-python's own build reads it), else `cpu_cmake_args()`."
     return os.environ.get("CMAKE_ARGS", "").split() or cpu_cmake_args()
