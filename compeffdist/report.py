@@ -18,9 +18,9 @@ import yaml
 from .core import CompeffdistError, read_json
 
 # %% auto #0
-__all__ = ['count_records', 'runner_stages', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows', 'cache_summary',
-           'model_rows', 'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores', 'plot_difficulty',
-           'plot_sampling', 'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html', 'write_report']
+__all__ = ['count_records', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows', 'cache_summary', 'model_rows',
+           'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores', 'plot_difficulty', 'plot_sampling',
+           'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html', 'write_report']
 
 # %% ../nbs/19a_report.ipynb #49c4dcab
 def count_records(path: Path) -> int | None:
@@ -43,15 +43,9 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def runner_stages() -> list:
-    "The runner's stage list (`compeffdist.pipeline.STAGES`), for a report built without one."
-    from compeffdist.pipeline import STAGES
-    return STAGES
-
-
-def load_run(root: str | Path, stages: list | None = None) -> dict:
+def load_run(root: str | Path, stages: list) -> dict:
     "What the report reads: config (dict), run info, and each stage of `stages` with its manifest and status."
-    root, stages = Path(root), stages if stages is not None else runner_stages()
+    root = Path(root)
     if not (root / "config.yaml").is_file():
         raise CompeffdistError(f"{root}: not a run folder (no config.yaml)")
     cfg = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
@@ -356,7 +350,7 @@ def _detail_blocks(run: dict) -> list:
                 ("h", 2, "Artefacts"), ("table", ["stage", "file", "bytes", "sha256"], artefact_rows(run))]
 
 
-def build_report(root: str | Path, stages: list | None = None) -> list:
+def build_report(root: str | Path, stages: list) -> list:
     "The report of a run folder, as blocks (writes its plots under `<root>/report/`)."
     run = load_run(root, stages)
     figs = run["root"] / "report"
@@ -422,7 +416,7 @@ def to_html(blocks: list, root: str | Path) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 # %% ../nbs/19a_report.ipynb #fe5abc69
-def write_report(root: str | Path, stages: list | None = None) -> Path:
+def write_report(root: str | Path, stages: list) -> Path:
     "Write `REPORT.md`, `report.html` and the plots (`report/*.png`) of a run folder; returns the Markdown path."
     from compeffdist.core import atomic_write
     root = Path(root)
