@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
