@@ -217,11 +217,10 @@ class VLLMBackend(_HFTokens):
 
     def close(self):
         "Shut vLLM's engine down (its worker processes and their GPU memory), then release what this process holds."
+        from compeffdist.engines import shutdown_vllm
         from compeffdist.training import release_memory
         llm, self.llm = self.llm, None
-        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        shutdown_vllm(llm)
         del llm
         release_memory()
 

@@ -30,8 +30,8 @@ from .models import ModelRef, hf_model_path, load_causal_lm, pick_device, resolv
 __all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 'per_request', 'request_seed', 'Engine',
            'FakeEngine', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
            'schema_for_choice', 'json_ok', 'template_kwargs', 'strip_thinking', 'HFEngine', 'LlamaCppEngine',
-           'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'make_engine', 'open_engine', 'RunContext',
-           'read_prompt_rows', 'row_messages', 'generate_cli']
+           'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'shutdown_vllm', 'make_engine', 'open_engine',
+           'RunContext', 'read_prompt_rows', 'row_messages', 'generate_cli']
 
 # %% ../nbs/01_engines.ipynb #0453072a
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
@@ -866,13 +866,18 @@ def generate_iter(self: VLLMEngine, batch, params, constraint=None):
             yield s + j, gens if len(gens) == n else [replace(gens[0]) for _ in range(n)]
 
 
+def shutdown_vllm(llm) -> None:
+    "Shut a vLLM `LLM`'s engine down (its worker processes and the GPU memory they hold); nothing if it has none."
+    shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
 @patch
 def close(self: VLLMEngine):
     "Free the model: shut vLLM's engine down, then empty the CUDA cache (a later vLLM or training in this process needs it)."
     llm, self.llm = self.llm, None
-    shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
-    if callable(shutdown):
-        shutdown()
+    shutdown_vllm(llm)
     del llm
     import gc; gc.collect()
     try:
