@@ -698,7 +698,9 @@ def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str
             examples = build_examples(ds_name, shots, seed, limit, max_chars, fixed, root, split)
             pred_path = prediction_path(out_dir, name, ds_name, seed, split)
             preds, diag = predict(backend, ds_name, examples, shots, fixed, _known_predictions(pred_path), split)
-            write_jsonl(pred_path, preds)
+            # each row says what it is: model fingerprint, dataset, split, seed and example index
+            write_jsonl(pred_path, [{"model": backend.ref.identity, "dataset": ds_name, "split": split, "seed": seed,
+                                     "index": e.index, **p} for e, p in zip(examples, preds)])
             m = score_predictions(ds_name, examples, [p["prediction"] for p in preds], shots, fixed)
             m.update(diag, n=len(examples), seconds=round(time.perf_counter() - t0, 2))
             entry["seeds"][str(seed)] = m

@@ -182,6 +182,10 @@ def test_a_larger_limit_runs_only_the_new_examples(sentibench_root, tmp_path, ca
         now, new = pred(grown, d), pred(fresh, d)
         assert now[:2] == rows and [r["key"] for r in now] == [r["key"] for r in new]
     assert [r["prediction"] for r in pred(grown, "sc_sst2")] == [r["prediction"] for r in pred(fresh, "sc_sst2")]
+    for d, name in (("sc_sst2", "sc/sst2"), ("absa_atsa_rest16", "absa/atsa_rest16")):  # each row says what it is
+        rows = pred(grown, d)
+        assert [(r["model"], r["dataset"], r["split"], r["seed"], r["index"]) for r in rows] == \
+               [(res["identity"], name, "test", 42, i) for i in range(4)]
 
 
 def test_the_split_is_part_of_the_prediction_key():
