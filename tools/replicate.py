@@ -37,7 +37,7 @@ VAL = {"split": "val", "limit": 100, "seeds": [42]}  # where settings are chosen
 VARIANTS = {"full": ("random", 1.0)} | {f"{m}_{int(100 * r)}": ("soft" if m == "difficulty" else "random", r)
                                         for r in (0.10, 0.25, 0.50) for m in ("difficulty", "random")}
 CURVE = (300, 1000)  # the learning curve: random subsets of the corpus of these sizes, besides `full`
-SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 3), "cap": (128, 256)}
+SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 3), "cap": (256, 384)}
 PAIRS = [("full", "base_student"), ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
          ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("teacher", "full")]
 
