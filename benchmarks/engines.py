@@ -1,11 +1,12 @@
 """Teacher throughput on a CPU: the in-process llama.cpp engine against llama.cpp's server with N slots, in one run.
 
     python benchmarks/engines.py                        # the 32 prompts of the committed demo run, N = 1, 2, 4, 8
-    python benchmarks/engines.py --samples runs/replication/pairing/samples.jsonl --prompts 64 --parallel 4,8
+    python benchmarks/engines.py --samples runs/replication/pairing/samples.jsonl --draw 0 --parallel 8
 
 The requests are real ones of the responses stage: the first `--prompts` student prompts of a run's
-`pairing/samples.jsonl` (instruction, demonstrations and text), each with the constraint the stage would give it
-(free text, a JSON schema or a label list), greedy, at most `--max-new-tokens` new tokens, no call cache.
+`pairing/samples.jsonl` (instruction, demonstrations and text), or `--prompts` drawn at random from all of them
+with `--draw SEED` (a large run's file holds its samples instruction by instruction), each with the constraint
+the stage would give it (free text, a JSON schema or a label list), greedy, at most `--max-new-tokens` new tokens, no call cache.
 Rows: `before` is the single-stream `llamacpp` engine (llama-cpp-python, one request at a time) called as the
 stages called it before concurrent decoding (requests in stage order); `in-process` is the same engine called as
 the stages call it now, through the call-cache front, which sends requests sorted by prompt so that shared
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -33,9 +35,10 @@ from compeffdist.responses import constraint_for
 MODEL = "qwen2.5-coder-1.5b-instruct"
 
 
-def requests(path: str, n: int):
-    "The first n samples as (conversation, constraint) pairs, as the responses stage sends them."
-    rows = read_jsonl(path)[:n]
+def requests(path: str, n: int, draw: int | None = None):
+    "The first n samples (or n drawn with seed `draw`) as conversations and constraints, as the stage sends them."
+    rows = read_jsonl(path)
+    rows = rows[:n] if draw is None else random.Random(draw).sample(rows, min(n, len(rows)))
     if len(rows) < n:
         raise SystemExit(f"{path} has {len(rows)} samples, fewer than --prompts {n}")
     return [[{"role": "user", "content": r["instruction"]}] for r in rows], [constraint_for(r.get("output_format")) for r in rows]
@@ -43,7 +46,7 @@ def requests(path: str, n: int):
 
 def one_row(a) -> dict:
     "Measure one engine setting in this process (called in a child process by main)."
-    batch, cons = requests(a.samples, a.prompts)
+    batch, cons = requests(a.samples, a.prompts, a.draw)
     t0 = time.perf_counter()
     eng = (LlamaCppEngine(a.model, context_length=a.context, n_threads=a.threads) if a.one <= 0 else
            LlamaServerEngine(a.model, parallel=a.one, context_length=a.context, n_threads=a.threads))
@@ -80,6 +83,7 @@ def main():
 
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--draw", type=int, help="draw the prompts at random with this seed (default: the first ones)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--parallel", default="1,2,4,8", help="server slot counts to measure")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -90,14 +94,15 @@ def main():
     if a.one is not None:
         print(json.dumps(one_row(a)))
         return
-    print(f"{a.model}, {a.prompts} responses-stage prompts of {a.samples}, greedy, max_new_tokens={a.max_new_tokens}, "
+    which = "" if a.draw is None else f" drawn at random (seed {a.draw})"
+    print(f"{a.model}, {a.prompts} responses-stage prompts{which} of {a.samples}, greedy, max_new_tokens={a.max_new_tokens}, "
           f"{a.threads} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     for n in [-1, 0] + [int(x) for x in a.parallel.split(",")]:  # -1, 0: the in-process engine, before and now
         args = [sys.executable, __file__, "--samples", a.samples, "--model", a.model, "--prompts", str(a.prompts),
                 "--max-new-tokens", str(a.max_new_tokens), "--threads", str(a.threads), "--context", str(a.context),
-                "--one", str(n)]
+                "--one", str(n)] + ([] if a.draw is None else ["--draw", str(a.draw)])
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"row parallel={n} failed:\n{out.stderr[-2000:]}")

@@ -203,6 +203,7 @@ class TrainingConfig(Section):
     lora_dropout: float = 0.05
     bf16: Literal["auto", True, False] = "auto"
     gradient_checkpointing: bool = True
+    group_by_length: bool | None = None  # true: batches of samples of similar length (less padding without packing)
     logging_steps: int = 10
     seed: int = 42
 

@@ -107,11 +107,16 @@ _RUNTIME_ONLY = {"data": {"sentibench"},
                  "student": {"n_threads", "max_concurrency", "timeout_s", "max_retries", "api_key_env", "base_url"}}
 
 
+def _set_options(d: dict) -> dict:
+    "`d` without its unset (None) options, nested sections included."
+    return {k: _set_options(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
 def stage_config(cfg: Config, stage: Stage) -> dict:
-    """The part of the config a stage's outputs depend on. Unset options (None) are left out, so that a new
-    option whose default keeps the old behaviour does not invalidate finished runs."""
+    """The part of the config a stage's outputs depend on. Unset options (None) are left out, at every depth, so
+    that a new option whose default keeps the old behaviour does not invalidate finished runs."""
     dump = cfg.model_dump(mode="json")
-    return {s: {k: v for k, v in dump[s].items() if k not in _RUNTIME_ONLY.get(s, ()) and v is not None}
+    return {s: _set_options({k: v for k, v in dump[s].items() if k not in _RUNTIME_ONLY.get(s, ())})
             for s in stage.sections}
 
 

@@ -107,7 +107,8 @@ def sft_args(cfg: TrainingConfig, output_dir: str | os.PathLike, device: str = "
         packing=cfg.packing, completion_only_loss=True, activation_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16, tf32=True if tf32 else None, use_cpu=device == "cpu", logging_steps=cfg.logging_steps,
         logging_first_step=True, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        include_num_input_tokens_seen=True, disable_tqdm=not progress)
+        include_num_input_tokens_seen=True, disable_tqdm=not progress,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random")
 
 # %% ../nbs/17_training.ipynb #842ac173
 def one_gpu_per_process(args) -> int:
