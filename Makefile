@@ -73,6 +73,7 @@ test-vllm: $(VLLM_STAMP)
 
 bench: install
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/training.py
 
 docs: install system-deps
 	$(BIN)/python tools/build_docs.py
