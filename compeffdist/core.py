@@ -204,6 +204,7 @@ class TrainingConfig(Section):
     bf16: Literal["auto", True, False] = "auto"
     gradient_checkpointing: bool = True
     group_by_length: bool | None = None  # true: batches of samples of similar length (less padding without packing)
+    save_steps: int | None = Field(None, ge=1)  # a checkpoint every N optimiser steps: a killed training resumes there
     logging_steps: int = 10
     seed: int = 42
 

@@ -19,8 +19,8 @@ from .core import (CompeffdistError, ModelConfig, StageStats, TrainingConfig, pa
 
 # %% auto #0
 __all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'sft_args', 'one_gpu_per_process',
-           'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'train_student',
-           'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
+           'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'resume_point',
+           'train_student', 'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
 
 # %% ../nbs/17_training.ipynb #57c27b6c
 def load_records(data: Sequence[dict] | str | os.PathLike) -> tuple[list[dict], str]:
@@ -106,9 +106,11 @@ def sft_args(cfg: TrainingConfig, output_dir: str | os.PathLike, device: str = "
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
         packing=cfg.packing, completion_only_loss=True, activation_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16, tf32=True if tf32 else None, use_cpu=device == "cpu", logging_steps=cfg.logging_steps,
-        logging_first_step=True, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        logging_first_step=True, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         include_num_input_tokens_seen=True, disable_tqdm=not progress,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random")
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **({"save_strategy": "steps", "save_steps": cfg.save_steps, "save_total_limit": 1} if cfg.save_steps
+           else {"save_strategy": "no"}))
 
 # %% ../nbs/17_training.ipynb #842ac173
 def one_gpu_per_process(args) -> int:
@@ -209,20 +211,39 @@ def _lora_config(cfg: TrainingConfig):
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus) -> dict:
+def _card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus, resumed: dict) -> dict:
     history, args = _loss_history(trainer.state.log_history), trainer.args
     tokens = trainer.state.num_input_tokens_seen
+    read = tokens - resumed.get("num_input_tokens_seen", 0)  # by this process
     return {"base_model": model, "base_identity": ref.identity, "method": "lora" if cfg.lora else "full",
             "format": "chat", "config": cfg.model_dump(mode="json"),
             "data": {"source": source, "hash": data_hash(records), **info},
             "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
             "final_loss": history[-1]["loss"] if history else None, "train_loss": result.training_loss,
-            "seconds": round(seconds, 2), "tokens_seen": tokens, "tokens_per_second": round(tokens / seconds, 1),
+            "seconds": round(seconds, 2), "tokens_seen": tokens, "tokens_per_second": round(read / seconds, 1),
+            "resumed_from_step": resumed.get("global_step", 0),
             "loss_history": history, "device": device, "bf16": args.bf16, "attn_implementation": attn,
             "gpus_visible": gpus, "world_size": args.world_size,
             "distributed": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             "effective_batch": args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
             "versions": package_versions()}
+
+# %% ../nbs/17_training.ipynb #5c51a846
+def resume_point(work: Path, key: str) -> str | None:
+    """The newest whole checkpoint in `work` of the training with this `key`, else None. The main process also
+    deletes unfinished checkpoints, or everything when the key differs, and records the key."""
+    same = (work / "resume_key.txt").is_file() and (work / "resume_key.txt").read_text() == key
+    found = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])) if same else []
+    whole = [c for c in found if (c / "trainer_state.json").is_file()]
+    if _is_main_process():
+        if not same:
+            shutil.rmtree(work, ignore_errors=True)
+        for c in set(found) - set(whole[-1:]):
+            shutil.rmtree(c, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "resume_key.txt").write_text(key)
+    return str(whole[-1]) if whole else None
+
 
 # %% ../nbs/17_training.ipynb #88ff9d3a
 def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir: str | os.PathLike,
@@ -240,8 +261,7 @@ def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir:
     rows, info = tokenize_records(tok, records, cfg.max_length)
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
-    if _is_main_process():
-        shutil.rmtree(work, ignore_errors=True)
+    resume = resume_point(work, stable_hash([ref.identity, student.dtype, cfg.model_dump(mode="json"), data_hash(records)]))
     args = sft_args(cfg, work, device, progress)
     gpus = one_gpu_per_process(args)
     base = {"pretrained_model_name_or_path": hf_model_path(ref), "dtype": _model_dtype(student.dtype, device),
@@ -253,10 +273,11 @@ def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir:
         trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              peft_config=_lora_config(cfg))
     check_full_save(trainer)  # a config that cannot save fails now, not after training
+    resumed = read_json(Path(resume) / "trainer_state.json") if resume else {}  # rotated away as training goes on
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    card = {**_card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus),
+    card = {**_card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus, resumed),
             **(extra_card or {})}
     save_student(trainer, work / "model", cfg.lora, base)
     if trainer.is_world_process_zero():
@@ -358,6 +379,7 @@ def train_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, dest="per_device_batch_size")
     ap.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
     ap.add_argument("--max-length", type=int)
+    ap.add_argument("--save-steps", type=int, help="a checkpoint every N steps: a killed training resumes there")
     ap.add_argument("--lora", action="store_true", default=None)
     ap.add_argument("--device", help="cpu, cuda, auto (overrides student.device)")
     a = ap.parse_args(argv)
@@ -369,7 +391,7 @@ def train_cli(argv: list[str] | None = None) -> int:
     student = cfg.student if cfg else ModelConfig(model=a.model or "smollm2-135m-instruct")
     student = student.model_copy(update={k: v for k, v in {"model": a.model, "device": a.device}.items() if v})
     over = {k: getattr(a, k) for k in ("epochs", "max_steps", "learning_rate", "per_device_batch_size",
-                                       "gradient_accumulation_steps", "max_length", "lora", "seed") if getattr(a, k) is not None}
+                                       "gradient_accumulation_steps", "max_length", "lora", "seed", "save_steps") if getattr(a, k) is not None}
     try:  # overrides are validated like the config
         tc = TrainingConfig.model_validate({**(cfg.training if cfg else TrainingConfig()).model_dump(), **over})
     except ValidationError as e:
