@@ -88,3 +88,26 @@ def test_sweep_and_variants_need_the_scored_corpus(tmp_path):
     write_jsonl(tmp_path / "run" / "difficulty" / "scored.jsonl", [{"id": "s0"}])
     with pytest.raises(SystemExit, match="unknown variant.*fulll"):  # a typo stops before any model is trained
         replicate.main(["variants", "--config", str(config), "--only", "full,fulll"])
+
+
+def test_sweep_is_a_coordinate_search_that_resumes(tmp_path, monkeypatch):
+    "Learning rates first, then epochs at the best one, then caps at the best of both; done settings are reused."
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    score = {(5e-5, 1, 384): 44.0, (2e-4, 1, 384): 47.0, (5e-4, 1, 384): 45.0, (2e-4, 2, 384): 48.0,
+             (2e-4, 2, 256): 46.0}
+    tried = []
+
+    def point(setting):
+        key = (setting["learning_rate"], setting["epochs"], setting["cap"])
+        tried.append(key)
+        if len(tried) == 4:
+            raise KeyboardInterrupt  # stopped during the fourth training
+        return {**setting, "val_mean": score[key]}
+
+    with pytest.raises(KeyboardInterrupt):
+        replicate.sweep(None, "", point=point)
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == 3
+    out = replicate.sweep(None, "", point=lambda st: {**st, "val_mean": score[(st["learning_rate"], st["epochs"], st["cap"])]})
+    assert [(r["learning_rate"], r["epochs"], r["cap"]) for r in out["rows"]] == list(score)
+    assert out["chosen"] == {"learning_rate": 2e-4, "epochs": 2, "cap": 384}
+    assert out["design"] == "coordinate search"

@@ -1,19 +1,22 @@
 """The offline replication's experiments (`nbs/20_replication.ipynb`) on the corpus of `configs/replication.yaml`.
 
 Everything it measures accumulates in `results/replication/` (committed): the teacher's calls, the corpus summary,
-the sweep table, every evaluation's predictions and `summary.json`. Model weights stay in `<run.out>/variants/`;
-a student is retrained to the same weights from the committed corpus on the same machine.
+the sweep table, what each training did (`trainings.json`), every evaluation's predictions and `summary.json`.
+Model weights stay in `<run.out>/variants/`; a student is retrained to the same weights from the committed corpus on
+the same machine.
 
     python tools/replicate.py corpus                     # the corpus summary (stages, counts, teacher time per stage)
-    python tools/replicate.py sweep                      # settings on validation (first 100 examples, seed 42)
+    python tools/replicate.py sweep                      # settings on validation (first 100 examples, seed 42):
+                                                         # learning rate, then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
 
 The corpus itself is built (in slices, each committed) by
 `compeffdist run --config configs/replication.yaml --until difficulty --max-minutes 60`.
-Every step is resumable: a trained student is not trained again, a finished evaluation not run again, and an
-evaluation with more seeds or examples reuses the predictions already made.
+Every step is resumable: a trained student is not trained again, a killed training resumes from its newest
+checkpoint (`training.save_steps`), a finished evaluation is not run again, and an evaluation with more seeds or
+examples reuses the predictions already made.
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ VAL = {"split": "val", "limit": 100, "seeds": [42]}  # where settings are chosen
 VARIANTS = {"full": ("random", 1.0)} | {f"{m}_{int(100 * r)}": ("soft" if m == "difficulty" else "random", r)
                                         for r in (0.10, 0.25, 0.50) for m in ("difficulty", "random")}
 CURVE = (300, 1000)  # the learning curve: random subsets of the corpus of these sizes, besides `full`
-SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 3), "cap": (256, 384)}
+# The sweep is a coordinate search in this order: the learning rates at the first epoch count and cap, then the epoch
+# counts at the best learning rate, then the caps at the best of both (5 trainings instead of the grid's 12).
+SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 2), "cap": (384, 256)}
 PAIRS = [("full", "base_student"), ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
          ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("teacher", "full")]
 
@@ -92,7 +97,19 @@ def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epoc
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"),
             "--lr", str(lr), "--epochs", str(epochs), "--seed", str(cfg.training.seed + seed))
         (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    record_training(name, vdir / "model")
     return vdir / "model"
+
+
+def record_training(name: str, model: Path) -> None:
+    "Keep what a training did in results/replication/trainings.json (committed; the weights are not)."
+    path, card = RESULTS / "trainings.json", read_json(model / "card.json")
+    done = read_json(path) if path.is_file() else {}
+    done[name] = {"samples": card["data"]["trained_samples"], "data_hash": card["data"]["hash"],
+                  "learning_rate": card["config"]["learning_rate"], "epochs": card["config"]["epochs"],
+                  "steps": card["steps"], "final_loss": card["final_loss"], "seconds": card["seconds"],
+                  "resumed_from_step": card.get("resumed_from_step", 0)}
+    write_json(path, dict(sorted(done.items())))
 
 
 def evaluate(cfg, model: str, name: str, split: str, limit: int, seeds: list[int], engine: str = "hf",
@@ -123,22 +140,38 @@ def train_settings() -> dict:
 
 # --- the sweep ------------------------------------------------------------------------------------------------------
 
-def sweep(cfg, config_path: str, grid: dict = SWEEP) -> dict:
-    "Train the full corpus under every setting of `grid`, evaluate each on validation, choose the best mean."
-    rows = []
-    for cap in grid["cap"]:
-        records = capped_corpus(cfg, cap)
-        for lr in grid["learning_rate"]:
-            for ep in grid["epochs"]:
-                name = f"sweep_lr{lr:g}_ep{ep:g}_cap{cap}"
-                model = train(cfg, config_path, name, records, lr, ep)
-                res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
-                rows.append({"name": name, "learning_rate": lr, "epochs": ep, "cap": cap, "samples": len(records),
-                             "steps": card["steps"], "final_loss": round(card["final_loss"], 4),
-                             "val_mean": round(res["mean"], 2)})
-                write_json(RESULTS / "sweep.json", {"protocol": VAL, "rows": rows, "chosen": best(rows)})
-                print(f"{name}: val mean {res['mean']:.2f}", flush=True)
-    return read_json(RESULTS / "sweep.json")
+def sweep(cfg, config_path: str, grid: dict = SWEEP, point=None) -> dict:
+    """Choose the training settings on validation by a coordinate search over `grid`: one axis at a time, in the
+    grid's order, each value tried with the other axes at the best setting so far (their first values at the start).
+    `point(setting)` trains and scores one setting (default `sweep_point`); settings already in sweep.json are reused."""
+    point = point or (lambda setting: sweep_point(cfg, config_path, setting))
+    path = RESULTS / "sweep.json"
+    rows = read_json(path)["rows"] if path.is_file() else []
+    current = {axis: values[0] for axis, values in grid.items()}
+    for axis, values in grid.items():
+        for v in values:
+            setting = {**current, axis: v}
+            if not any(all(r[k] == setting[k] for k in grid) for r in rows):
+                rows.append(point(setting))
+                write_json(path, {"protocol": VAL, "design": "coordinate search", "grid": grid, "rows": rows,
+                                  "chosen": best(rows)})
+        current = best(rows)
+    return read_json(path)
+
+
+def sweep_name(setting: dict) -> str:
+    return f"sweep_lr{setting['learning_rate']:g}_ep{setting['epochs']:g}_cap{setting['cap']}"
+
+
+def sweep_point(cfg, config_path: str, setting: dict) -> dict:
+    "Train the full corpus (cut at the setting's cap) with the setting, and score it on validation: one sweep row."
+    records, name = capped_corpus(cfg, setting["cap"]), sweep_name(setting)
+    model = train(cfg, config_path, name, records, setting["learning_rate"], setting["epochs"])
+    res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
+    print(f"{name}: val mean {res['mean']:.2f}", flush=True)
+    return {"name": name, **setting, "samples": len(records), "steps": card["steps"],
+            "final_loss": round(card["final_loss"], 4), "train_seconds": card["seconds"],
+            "val_mean": round(res["mean"], 2)}
 
 
 def best(rows: list[dict]) -> dict:
@@ -164,7 +197,12 @@ def run_variants(cfg, config_path: str, names: list[str], seeds: list[int]) -> N
     corpus = capped_corpus(cfg, tuned["cap"])
     evaluate(cfg, cfg.student.model, "base_student", "test", cfg.evaluation.limit, seeds)
     for name in names:
-        model = train(cfg, config_path, name, variant_records(cfg, name, corpus), tuned["learning_rate"], tuned["epochs"])
+        if name == "full":  # the whole capped corpus with the chosen settings: the sweep's best student
+            model = train(cfg, config_path, sweep_name(tuned), corpus, tuned["learning_rate"], tuned["epochs"])
+            record_training(name, model)
+        else:
+            model = train(cfg, config_path, name, variant_records(cfg, name, corpus), tuned["learning_rate"],
+                          tuned["epochs"])
         res = evaluate(cfg, str(model), name, "test", cfg.evaluation.limit, seeds)
         print(f"{name}: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
 
@@ -225,14 +263,14 @@ def summarise(cfg) -> dict:
     cells = scored_cells(cfg)
     datasets = resolve_datasets(e.datasets)
     models, diffs = {}, {}
+    trainings = read_json(RESULTS / "trainings.json") if (RESULTS / "trainings.json").is_file() else {}
     for m, got in cells.items():
         seeds = sorted({s for (_, s) in got if all((d, s) in got for d in datasets)})
         if not seeds:
             continue
-        kept = Path(cfg.run.out) / "variants" / m / "kept.jsonl"
         draws = draw_means(cfg, [m], cells, seeds)[m]
         models[m] = {"mean": round(float(draws[0]), 2), "ci95": interval(draws), "seeds": seeds,
-                     "n_samples": len(read_jsonl(kept)) if kept.is_file() else None,
+                     "n_samples": trainings.get(m, {}).get("samples"),
                      "per_seed": {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)]), 2) for d in datasets}
                                   for s in seeds}}
     for a, b in PAIRS:
