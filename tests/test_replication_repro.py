@@ -2,8 +2,8 @@
 
 - the same training data and seed give the same student weights, bit for bit, on the same machine;
 - `configs/replication.yaml` names a committed text copy of its call cache (`run.calls_jsonl`), and a run from
-  that copy alone rebuilds the corpus without one new teacher call (checked on the first stages here; the whole
-  corpus is checked by `tools/replicate.py corpus --check`).
+  that copy alone rebuilds the corpus without one new teacher call (checked here on every teacher stage that
+  `results/replication/corpus.json` records as finished).
 """
 import hashlib
 import json
