@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +92,8 @@ def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epoc
     if not (vdir / "model" / "card.json").is_file():
         vdir.mkdir(parents=True, exist_ok=True)
         write_jsonl(vdir / "kept.jsonl", records)
-        t0 = time.time()
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"),
             "--lr", str(lr), "--epochs", str(epochs), "--seed", str(cfg.training.seed + seed))
-        (vdir / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
     record_training(name, vdir / "model")
     return vdir / "model"
 
