@@ -14,9 +14,9 @@ import numpy as np
 from .core import ClusteringConfig, CompeffdistError, StageStats, read_jsonl, write_json, write_jsonl
 
 # %% auto #0
-__all__ = ['COLLAPSE_NAMES_PER_CLUSTER', 'MIN_NAMES_FOR_CHECKS', 'embed_names', 'frequency_copies', 'affinity_propagation',
-           'kmeans', 'fallback_k', 'failure_signatures', 'cluster_attributes', 'build_clusters', 'run_clustering',
-           'cluster_table', 'plot_clusters']
+__all__ = ['COLLAPSE_NAMES_PER_CLUSTER', 'MIN_NAMES_FOR_CHECKS', 'embed_names', 'frequency_copies', 'similarities',
+           'affinity_propagation', 'kmeans', 'fallback_k', 'failure_signatures', 'cluster_attributes', 'build_clusters',
+           'run_clustering', 'cluster_table', 'plot_clusters']
 
 # %% ../nbs/11_clustering.ipynb #cf06c1ba
 def embed_names(embedder, names: list[str], batch_size: int = 64, prompt: str | None = None) -> np.ndarray:
@@ -33,28 +33,34 @@ def frequency_copies(counts) -> np.ndarray:
     return np.array([int(math.log1p(max(0, c))) for c in counts], dtype=int)
 
 
+def similarities(emb: np.ndarray) -> np.ndarray:
+    """Negative squared Euclidean distances between the rows, in float64, rounded to 1e-9: the rounding of the matrix
+    product differs between CPUs and BLAS builds in the last bits, which must not reach affinity propagation."""
+    x = np.asarray(emb, dtype=np.float64)
+    sq = (x * x).sum(1)
+    return np.round(-np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0), 9)
+
+
 def affinity_propagation(emb: np.ndarray, counts, cfg: ClusteringConfig) -> tuple[np.ndarray, dict]:
     "Labels of the N names (−1 everywhere if it did not converge), and what happened (`preference`, `n_iter`…)."
     from sklearn.cluster import AffinityPropagation
     from sklearn.exceptions import ConvergenceWarning
     n = len(emb)
-    sq = (emb * emb).sum(1)
-    sim = -np.maximum(sq[:, None] + sq[None, :] - 2 * emb @ emb.T, 0)
+    sim = similarities(emb)
     preference = float(np.percentile(sim, cfg.percentile))
     origin = np.arange(n)
     if cfg.frequency_weighting:
         origin = np.concatenate([origin, np.repeat(np.arange(n), frequency_copies(counts))])
-    X = emb[origin].astype(np.float64)
     model = AffinityPropagation(damping=cfg.damping, max_iter=cfg.max_iter, convergence_iter=cfg.convergence_iter,
-                                preference=preference, random_state=cfg.random_state)
+                                preference=preference, random_state=cfg.random_state, affinity="precomputed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X)
+        model.fit(sim[np.ix_(origin, origin)])
     converged = (not any(issubclass(w.category, ConvergenceWarning) for w in caught)
                  and len(model.cluster_centers_indices_) > 0 and (model.labels_ >= 0).all())
     labels = model.labels_[:n].copy() if converged else np.full(n, -1)
     exemplars = sorted({int(origin[i]) for i in model.cluster_centers_indices_}) if converged else []
-    return labels, {"method": "affinity", "preference": round(preference, 6), "n_points": int(len(X)),
+    return labels, {"method": "affinity", "preference": round(preference, 6), "n_points": int(len(origin)),
                     "n_iter": int(model.n_iter_), "converged": bool(converged), "exemplars": exemplars}
 
 

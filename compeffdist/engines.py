@@ -5,6 +5,7 @@
 # %% ../nbs/01_engines.ipynb #3572a817
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
@@ -31,7 +33,7 @@ __all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 
            'FakeEngine', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
            'schema_for_choice', 'json_ok', 'template_kwargs', 'strip_thinking', 'HFEngine', 'LlamaCppEngine',
            'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'shutdown_vllm', 'make_engine', 'open_engine',
-           'RunContext', 'read_prompt_rows', 'row_messages', 'generate_cli']
+           'CachedEmbedder', 'RunContext', 'read_prompt_rows', 'row_messages', 'generate_cli']
 
 # %% ../nbs/01_engines.ipynb #0453072a
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
@@ -192,6 +194,10 @@ class CallCache:
 
     def get_many(self, keys: Sequence[str]) -> dict[str, list[Generation]]:
         "Cached generations for the keys that are present."
+        return {k: [Generation(**g, cached=True) for g in resp] for k, resp in self.get_responses(keys).items()}
+
+    def get_responses(self, keys: Sequence[str]) -> dict[str, list[dict]]:
+        "The stored responses (lists of JSON objects) for the keys that are present."
         out = {}
         uniq = list(dict.fromkeys(keys))
         for s in range(0, len(uniq), 500):
@@ -199,16 +205,19 @@ class CallCache:
             with self._lock:
                 rows = self.db.execute(f"SELECT key, response FROM calls WHERE key IN ({','.join('?' * len(chunk))})",
                                        chunk).fetchall()
-            for k, resp in rows:
-                out[k] = [Generation(**g, cached=True) for g in json.loads(resp)]
+            out.update((k, json.loads(resp)) for k, resp in rows)
         return out
 
     def put(self, key: str, model: str, request: dict, gens: list[Generation]) -> None:
         "Store one finished call (committed immediately)."
+        self.put_response(key, model, request, [g.to_dict() for g in gens])
+
+    def put_response(self, key: str, model: str, request: dict, response: list[dict]) -> None:
+        "Store one response of any model (a list of JSON objects), committed immediately."
         with self._lock:
             self.db.execute("INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?)",
                             (key, model, json.dumps(request, ensure_ascii=False),
-                             json.dumps([g.to_dict() for g in gens], ensure_ascii=False), time.time()))
+                             json.dumps(response, ensure_ascii=False), time.time()))
 
     def __len__(self) -> int:
         with self._lock:
@@ -915,9 +924,36 @@ def open_engine(cfg: ModelConfig, cache: CallCache | str | os.PathLike | None, p
     "Build the engine of `cfg` behind the durable call cache at `cache` (None: no cache, every call is made)."
     return CachedEngine(make_engine(cfg), cache, progress=progress, budget=budget)
 
+# %% ../nbs/01_engines.ipynb #501f15f5
+class CachedEmbedder:
+    "A sentence-transformers `model` behind a `CallCache`: each text's vector is computed once, then read back."
+
+    def __init__(self, model, cache: CallCache, identity: str):
+        self.model, self.cache, self.identity = model, cache, f"embedder:{identity}"
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 32, normalize_embeddings: bool = False,
+               prompt: str | None = None, **_) -> np.ndarray:
+        "`SentenceTransformer.encode` with numpy output: the stored vectors, and the model for texts not seen yet."
+        reqs = [{"text": t, "normalize": bool(normalize_embeddings), "prompt": prompt} for t in sentences]
+        keys = [stable_hash({"model": self.identity, **r}, n=64) for r in reqs]
+        stored = self.cache.get_responses(keys)
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        todo = [k for k in first if k not in stored]
+        if todo:
+            kw = {"prompt": prompt} if prompt else {}
+            vecs = self.model.encode([sentences[first[k]] for k in todo], batch_size=batch_size,
+                                     convert_to_numpy=True, normalize_embeddings=normalize_embeddings,
+                                     show_progress_bar=False, **kw)
+            for k, v in zip(todo, np.asarray(vecs, dtype="<f4")):
+                stored[k] = [{"embedding_f32_b64": base64.b64encode(v.tobytes()).decode()}]
+                self.cache.put_response(k, self.identity, reqs[first[k]], stored[k])
+        rows = [np.frombuffer(base64.b64decode(stored[k][0]["embedding_f32_b64"]), dtype="<f4") for k in keys]
+        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
 # %% ../nbs/01_engines.ipynb #6e75aa74
 class RunContext:
-    "Lazily opened resources of a run: `teacher` (cached engine), `embedder`, `sentibench` (folder)."
+    "Lazily opened resources of a run: `teacher` (cached engine), `embedder` (cached), `sentibench` (folder)."
 
     def __init__(self, cfg, store, teacher: Engine | None = None, embedder=None, progress: bool = True,
                  budget: TeacherBudget | None = None):
@@ -937,11 +973,13 @@ class RunContext:
         return self._teacher
 
     @property
-    def embedder(self):
-        "The sentence-transformers embedder of the config (loaded on first use)."
-        if self._embedder is None:
-            from compeffdist.models import load_embedder
-            self._embedder = load_embedder(self.cfg.embedder.model, self.cfg.embedder.device)
+    def embedder(self) -> CachedEmbedder:
+        "The embedder of the config behind the run's call cache (loaded on first use)."
+        if not isinstance(self._embedder, CachedEmbedder):
+            from compeffdist.models import load_embedder, resolve_model
+            spec = self.cfg.embedder.model
+            model = self._embedder if self._embedder is not None else load_embedder(spec, self.cfg.embedder.device)
+            self._embedder = CachedEmbedder(model, CallCache(self.cache_path), resolve_model(spec).identity)
         return self._embedder
 
     @property
@@ -953,6 +991,8 @@ class RunContext:
     def close(self):
         if isinstance(self._teacher, CachedEngine):
             self._teacher.close()
+        if isinstance(self._embedder, CachedEmbedder):
+            self._embedder.cache.close()
         self._teacher = self._embedder = None
 
 # %% ../nbs/01_engines.ipynb #f51ce922

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from compeffdist.core import load_config, write_json, write_jsonl
+from compeffdist.core import load_config, read_jsonl, write_json, write_jsonl
 from compeffdist.sentibench import build_examples, prediction_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,15 +77,21 @@ def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypat
     assert diff["ci95"][0] > 0  # 0.9 right against 0.5 right: beyond the noise
 
 
-def test_sweep_and_variants_need_the_scored_corpus(tmp_path):
+def test_sweep_and_variants_need_the_scored_corpus_that_corpus_keeps(tmp_path, monkeypatch):
+    "`corpus` copies the run's scored corpus into the results folder, which the sweep and the variants train on."
     import yaml
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(replicate, "SCORED", tmp_path / "results" / "scored.jsonl")
     data = yaml.safe_load((ROOT / "configs" / "replication.yaml").read_text())
     data["run"]["out"] = str(tmp_path / "run")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(SystemExit, match="scored.jsonl missing.*--until difficulty"):
         replicate.main(["variants", "--config", str(config)])
-    write_jsonl(tmp_path / "run" / "difficulty" / "scored.jsonl", [{"id": "s0"}])
+    scored = [{"id": f"s{i}", "instruction": "q", "output": "a", "difficulty": {"rank": 0.5}} for i in range(3)]
+    write_jsonl(tmp_path / "run" / "difficulty" / "scored.jsonl", scored)
+    replicate.main(["corpus", "--config", str(config)])
+    assert read_jsonl(replicate.SCORED) == scored
     with pytest.raises(SystemExit, match="unknown variant.*fulll"):  # a typo stops before any model is trained
         replicate.main(["variants", "--config", str(config), "--only", "full,fulll"])
 

@@ -1,11 +1,12 @@
 """The offline replication's experiments (`nbs/20_replication.ipynb`) on the corpus of `configs/replication.yaml`.
 
 Everything it measures accumulates in `results/replication/` (committed): the teacher's calls, the corpus summary,
-the sweep table, what each training did (`trainings.json`), every evaluation's predictions and `summary.json`.
+the scored corpus, the sweep table, what each training did (`trainings.json`), every evaluation's predictions and `summary.json`.
 Model weights stay in `<run.out>/variants/`; a student is retrained to the same weights from the committed corpus on
 the same machine.
 
     python tools/replicate.py corpus                     # the corpus summary (stages, counts, teacher time per stage)
+                                                         # and, once scored, the corpus itself (scored.jsonl)
     python tools/replicate.py sweep                      # settings on validation (first 100 examples, seed 42):
                                                          # learning rate, then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
@@ -34,6 +35,7 @@ from compeffdist.sampling import sample_records
 from compeffdist.sentibench import build_examples, prediction_path, resolve_datasets, result_path
 
 RESULTS = Path("results/replication")
+SCORED = RESULTS / "scored.jsonl"  # the scored corpus, which the sweep and the variants train on (committed)
 VAL = {"split": "val", "limit": 100, "seeds": [42]}  # where settings are chosen
 # Sampled variants: (method, rate). `full` is every sample of the (length-capped) corpus.
 VARIANTS = {"full": ("random", 1.0)} | {f"{m}_{int(100 * r)}": ("soft" if m == "difficulty" else "random", r)
@@ -80,8 +82,14 @@ def capped_corpus(cfg, cap: int) -> list[dict]:
     """The scored corpus as if the teacher had been cut at `cap` new tokens: greedy decoding gives the same first
     tokens whatever the cap, so the responses longer than `cap` are the ones a smaller cap would have cut (and the
     responses stage would have dropped as truncated)."""
-    scored = read_jsonl(Path(cfg.run.out) / "difficulty" / "scored.jsonl")
+    scored = read_jsonl(SCORED)
     return [r for r, n in zip(scored, teacher_tokens(scored, cfg)) if n <= cap]
+
+
+def keep_scored_corpus(cfg) -> int:
+    """Copy the run's scored corpus (every response with its difficulty) into results/replication: a fresh clone then
+    trains the sweep and the variants without repeating the warm-up and the scoring."""
+    return write_jsonl(SCORED, read_jsonl(Path(cfg.run.out) / "difficulty" / "scored.jsonl"))
 
 
 # --- training and evaluation ----------------------------------------------------------------------------------------
@@ -302,11 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     cfg = load_config(a.config)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else cfg.evaluation.seeds
-    scored = Path(cfg.run.out) / "difficulty" / "scored.jsonl"
-    if a.command in ("sweep", "variants") and not scored.is_file():
-        sys.exit(f"error: {scored} missing: run `compeffdist run --config {a.config} --until difficulty` first")
+    if a.command in ("sweep", "variants") and not SCORED.is_file():
+        sys.exit(f"error: {SCORED} missing: run `compeffdist run --config {a.config} --until difficulty`, "
+                 f"then `python tools/replicate.py corpus`")
     if a.command == "corpus":
         write_json(RESULTS / "corpus.json", corpus_summary(cfg))
+        if (Path(cfg.run.out) / "difficulty" / "scored.jsonl").is_file():
+            print(f"{keep_scored_corpus(cfg)} scored samples kept in {SCORED}")
     elif a.command == "sweep":
         print(json.dumps(sweep(cfg, a.config)["chosen"]))
     elif a.command == "variants":
