@@ -117,3 +117,15 @@ def test_sweep_is_a_coordinate_search_that_resumes(tmp_path, monkeypatch):
     assert [(r["learning_rate"], r["epochs"], r["cap"]) for r in out["rows"]] == list(score)
     assert out["chosen"] == {"learning_rate": 2e-4, "epochs": 2, "cap": 384}
     assert out["design"] == "coordinate search"
+
+
+def test_sweep_trains_on_a_fixed_subset_and_a_smaller_cap_keeps_a_part_of_it(tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    monkeypatch.setattr(replicate, "SCORED", tmp_path / "scored.jsonl")
+    monkeypatch.setattr(replicate, "teacher_tokens", lambda records, cfg: [len(r["output"].split()) for r in records])
+    write_jsonl(replicate.SCORED, [{"id": f"s{i}", "instruction_id": i % 40, "instruction": f"q{i}",
+                                    "output": "w " * (i % 380), "difficulty": {"rank": 0.5}} for i in range(3000)])
+    full, short = replicate.sweep_records(cfg, 384), replicate.sweep_records(cfg, 256)
+    assert len(full) == replicate.SWEEP_SAMPLES and full == replicate.sweep_records(cfg, 384)
+    ids = {r["id"] for r in full}
+    assert {r["id"] for r in short} < ids and all(len(r["output"].split()) <= 256 for r in short)

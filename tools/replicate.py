@@ -7,8 +7,9 @@ the same machine.
 
     python tools/replicate.py corpus                     # the corpus summary (stages, counts, teacher time per stage)
                                                          # and, once scored, the corpus itself (scored.jsonl)
-    python tools/replicate.py sweep                      # settings on validation (first 100 examples, seed 42):
-                                                         # learning rate, then epochs, then length cap
+    python tools/replicate.py sweep                      # settings on validation (first 100 examples, seed 42),
+                                                         # trained on 1,000 samples of the corpus: learning rate,
+                                                         # then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
@@ -44,6 +45,9 @@ CURVE = (300, 1000)  # the learning curve: random subsets of the corpus of these
 # The sweep is a coordinate search in this order: the learning rates at the first epoch count and cap, then the epoch
 # counts at the best learning rate, then the caps at the best of both (5 trainings instead of the grid's 12).
 SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 2), "cap": (384, 256)}
+# The sweep trains on a fixed random subset of the corpus: one epoch of the whole corpus takes most of a sitting on
+# the 2-core CPU, and a student must be trained and scored in the same sitting (its weights are not kept).
+SWEEP_SAMPLES = 1000
 PAIRS = [("full", "base_student"), ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
          ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("teacher", "full")]
 
@@ -158,7 +162,8 @@ def sweep(cfg, config_path: str, grid: dict = SWEEP, point=None) -> dict:
             setting = {**current, axis: v}
             if not any(all(r[k] == setting[k] for k in grid) for r in rows):
                 rows.append(point(setting))
-                write_json(path, {"protocol": VAL, "design": "coordinate search", "grid": grid, "rows": rows,
+                write_json(path, {"protocol": VAL, "design": "coordinate search", "train_samples": SWEEP_SAMPLES,
+                              "grid": grid, "rows": rows,
                                   "chosen": best(rows)})
         current = best(rows)
     return read_json(path)
@@ -168,9 +173,17 @@ def sweep_name(setting: dict) -> str:
     return f"sweep_lr{setting['learning_rate']:g}_ep{setting['epochs']:g}_cap{setting['cap']}"
 
 
+def sweep_records(cfg, cap: int) -> list[dict]:
+    """The sweep's training samples: a fixed random subset of `SWEEP_SAMPLES` of the scored corpus, less the answers
+    longer than `cap` teacher tokens (so a smaller cap trains on a subset of the same samples)."""
+    s, corpus = cfg.sampling, read_jsonl(SCORED)
+    subset = sample_records(corpus, min(1.0, SWEEP_SAMPLES / len(corpus)), "random", "global", s.a, s.seed, s.key)
+    return [r for r, n in zip(subset, teacher_tokens(subset, cfg)) if n <= cap]
+
+
 def sweep_point(cfg, config_path: str, setting: dict) -> dict:
-    "Train the full corpus (cut at the setting's cap) with the setting, and score it on validation: one sweep row."
-    records, name = capped_corpus(cfg, setting["cap"]), sweep_name(setting)
+    "Train the sweep's samples (cut at the setting's cap) with the setting, and score on validation: one sweep row."
+    records, name = sweep_records(cfg, setting["cap"]), sweep_name(setting)
     model = train(cfg, config_path, name, records, setting["learning_rate"], setting["epochs"])
     res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
     print(f"{name}: val mean {res['mean']:.2f}", flush=True)
@@ -202,12 +215,8 @@ def run_variants(cfg, config_path: str, names: list[str], seeds: list[int]) -> N
     corpus = capped_corpus(cfg, tuned["cap"])
     evaluate(cfg, cfg.student.model, "base_student", "test", cfg.evaluation.limit, seeds)
     for name in names:
-        if name == "full":  # the whole capped corpus with the chosen settings: the sweep's best student
-            model = train(cfg, config_path, sweep_name(tuned), corpus, tuned["learning_rate"], tuned["epochs"])
-            record_training(name, model)
-        else:
-            model = train(cfg, config_path, name, variant_records(cfg, name, corpus), tuned["learning_rate"],
-                          tuned["epochs"])
+        records = corpus if name == "full" else variant_records(cfg, name, corpus)
+        model = train(cfg, config_path, name, records, tuned["learning_rate"], tuned["epochs"])
         res = evaluate(cfg, str(model), name, "test", cfg.evaluation.limit, seeds)
         print(f"{name}: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
 
