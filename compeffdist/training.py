@@ -18,7 +18,7 @@ from .core import (CompeffdistError, ModelConfig, StageStats, TrainingConfig, pa
                               read_jsonl, stable_hash, write_json)
 
 # %% auto #0
-__all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'sft_args', 'one_gpu_per_process',
+__all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'cpu_has_bf16', 'sft_args', 'one_gpu_per_process',
            'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'resume_point',
            'train_student', 'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
 
@@ -90,12 +90,23 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 # %% ../nbs/17_training.ipynb #0f43a703
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them, bf16 mixed precision is emulated
+    and far slower than float32 (on a 2-core AVX2 CPU, one step of the replication's warm-up took minutes)."""
+    import torch
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
 def sft_args(cfg: TrainingConfig, output_dir: str | os.PathLike, device: str = "cpu", progress: bool = True):
-    "The TRL `SFTConfig` of a `TrainingConfig` on `device` (bf16 `auto`: on a GPU that supports it)."
+    "The TRL `SFTConfig` of a `TrainingConfig` on `device` (bf16 `auto`: where the GPU or CPU has bf16 instructions)."
     import torch
     from trl import SFTConfig
     cuda = device.startswith("cuda")
-    bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 == "auto" else bool(cfg.bf16)
+    native = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
+    bf16 = native if cfg.bf16 == "auto" else bool(cfg.bf16)
     tf32 = cuda and torch.cuda.get_device_capability()[0] >= 8
     return SFTConfig(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
