@@ -1,7 +1,8 @@
 """The offline replication's experiments (`nbs/20_replication.ipynb`) on the corpus of `configs/replication.yaml`.
 
 Everything it measures accumulates in `results/replication/` (committed): the teacher's calls, the corpus summary,
-the scored corpus, the sweep table, what each training did (`trainings.json`), every evaluation's predictions and `summary.json`.
+the scored corpus, the sweep table, what each training did (`trainings.json`), every evaluation's predictions and
+`summary.json`.
 Model weights stay in `<run.out>/variants/`; a student is retrained to the same weights from the committed corpus on
 the same machine.
 
