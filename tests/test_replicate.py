@@ -129,3 +129,24 @@ def test_sweep_trains_on_a_fixed_subset_and_a_smaller_cap_keeps_a_part_of_it(tmp
     assert len(full) == replicate.SWEEP_SAMPLES and full == replicate.sweep_records(cfg, 384)
     ids = {r["id"] for r in full}
     assert {r["id"] for r in short} < ids and all(len(r["output"].split()) <= 256 for r in short)
+
+
+def test_teacher_time_counts_each_stage_and_leaves_out_the_breaks_between_sittings(tmp_path):
+    cfg = load_config(ROOT / "configs" / "replication.yaml", {"run.out": str(tmp_path / "run"), "attributes.n_texts": 2,
+                                                              "run.calls_jsonl": str(tmp_path / "calls.jsonl")})
+    run = tmp_path / "run"
+    write_jsonl(run / "texts" / "texts.jsonl", [{"text": t} for t in ("good film", "bad soup", "not enumerated")])
+    write_jsonl(run / "pairing" / "samples.jsonl", [{"instruction": "rate: good film"}, {"instruction": "rate: bad soup"}])
+    enumerate_ = lambda t: replicate.attributes_request(t, cfg.attributes)[-1]["content"]
+    params = {"temperature": 0.0, "max_new_tokens": 384}
+    calls = [(0, enumerate_("good film"), params), (360, enumerate_("bad soup"), params),
+             (900, enumerate_("not enumerated"), params),           # asked by no stage of this config: instructions
+             (1260, "rate: good film", {**params, "max_new_tokens": 256}),  # an earlier cap: superseded
+             (5000, "rate: good film", params),                     # after a break: its gap is not counted
+             (5360, "rate: bad soup", params)]
+    write_jsonl(cfg.run.calls_jsonl, [{"created": t, "model": "llamacpp:x", "request": {
+        "messages": [{"role": "user", "content": c}], "params": p}} for t, c, p in calls]
+        + [{"created": 7, "model": "embedder:x", "request": {}}])
+    assert replicate.teacher_time(cfg) == {
+        "attributes": {"calls": 2, "hours": 0.1}, "instructions": {"calls": 1, "hours": 0.15},
+        "responses (superseded)": {"calls": 1, "hours": 0.1}, "responses": {"calls": 2, "hours": 0.1}}

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compeffdist.attributes import attributes_request
 from compeffdist.core import CompeffdistError, load_config, read_json, read_jsonl, write_json, write_jsonl
 from compeffdist.pipeline import STAGES
 from compeffdist.sampling import sample_records
@@ -73,6 +74,36 @@ def corpus_summary(cfg) -> dict:
             if t:
                 out[stage.name]["teacher"] = {k: t[k] for k in ("misses", "hits", "completion_tokens", "seconds")}
     return out
+
+
+def teacher_time(cfg, max_gap: float = 600.0) -> dict:
+    """Teacher calls and hours per stage over every sitting, from the call cache's timestamps (`run.calls_jsonl`):
+    the gap before each call counts to that call's stage, gaps over `max_gap` seconds (between sittings) do not. A
+    call is a response if its prompt is one of the pairing's samples (`superseded` when made with another decoding
+    than the config's, as with an earlier cap), an enumeration if its prompt is one the attributes stage asks, else
+    an instructions call."""
+    rows = sorted((r for r in read_jsonl(cfg.run.calls_jsonl) if not r["model"].startswith("embedder:")),
+                  key=lambda r: r["created"])
+    run = Path(cfg.run.out)
+    pairs = {s["instruction"] for s in read_jsonl(run / "pairing" / "samples.jsonl")}
+    enumerations = {attributes_request(t["text"], cfg.attributes)[-1]["content"]
+                    for t in read_jsonl(run / "texts" / "texts.jsonl")[:cfg.attributes.n_texts]}
+    decoding = cfg.responses.decoding
+
+    def stage(r) -> str:
+        prompt, params = r["request"]["messages"][-1]["content"], r["request"]["params"]
+        if prompt in pairs:
+            same = all(params[k] == getattr(decoding, k) for k in ("temperature", "max_new_tokens"))
+            return "responses" if same else "responses (superseded)"
+        return "attributes" if prompt in enumerations else "instructions"
+
+    out: dict = {}
+    for prev, r in zip([None] + rows[:-1], rows):
+        entry = out.setdefault(stage(r), {"calls": 0, "hours": 0.0})
+        entry["calls"] += 1
+        if prev is not None and r["created"] - prev["created"] <= max_gap:
+            entry["hours"] += (r["created"] - prev["created"]) / 3600
+    return {k: {"calls": v["calls"], "hours": round(v["hours"], 2)} for k, v in out.items()}
 
 
 def teacher_tokens(records: list[dict], cfg) -> list[int]:
@@ -324,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: {SCORED} missing: run `compeffdist run --config {a.config} --until difficulty`, "
                  f"then `python tools/replicate.py corpus`")
     if a.command == "corpus":
-        write_json(RESULTS / "corpus.json", corpus_summary(cfg))
+        write_json(RESULTS / "corpus.json", corpus_summary(cfg) | {"teacher_time": teacher_time(cfg)})
         if (Path(cfg.run.out) / "difficulty" / "scored.jsonl").is_file():
             print(f"{keep_scored_corpus(cfg)} scored samples kept in {SCORED}")
     elif a.command == "sweep":
