@@ -135,6 +135,7 @@ def test_teacher_time_counts_each_stage_and_leaves_out_the_breaks_between_sittin
     cfg = load_config(ROOT / "configs" / "replication.yaml", {"run.out": str(tmp_path / "run"), "attributes.n_texts": 2,
                                                               "run.calls_jsonl": str(tmp_path / "calls.jsonl")})
     run = tmp_path / "run"
+    assert replicate.teacher_time(cfg) == {}  # before the pairing: nothing to tell the calls apart with
     write_jsonl(run / "texts" / "texts.jsonl", [{"text": t} for t in ("good film", "bad soup", "not enumerated")])
     write_jsonl(run / "pairing" / "samples.jsonl", [{"instruction": "rate: good film"}, {"instruction": "rate: bad soup"}])
     enumerate_ = lambda t: replicate.attributes_request(t, cfg.attributes)[-1]["content"]

@@ -82,9 +82,11 @@ def teacher_time(cfg, max_gap: float = 600.0) -> dict:
     call is a response if its prompt is one of the pairing's samples (`superseded` when made with another decoding
     than the config's, as with an earlier cap), an enumeration if its prompt is one the attributes stage asks, else
     an instructions call."""
+    run = Path(cfg.run.out)
+    if not (run / "pairing" / "samples.jsonl").is_file() or not Path(cfg.run.calls_jsonl).is_file():
+        return {}  # the stages that tell the calls apart have not run yet
     rows = sorted((r for r in read_jsonl(cfg.run.calls_jsonl) if not r["model"].startswith("embedder:")),
                   key=lambda r: r["created"])
-    run = Path(cfg.run.out)
     pairs = {s["instruction"] for s in read_jsonl(run / "pairing" / "samples.jsonl")}
     enumerations = {attributes_request(t["text"], cfg.attributes)[-1]["content"]
                     for t in read_jsonl(run / "texts" / "texts.jsonl")[:cfg.attributes.n_texts]}
