@@ -151,3 +151,19 @@ def test_teacher_time_counts_each_stage_and_leaves_out_the_breaks_between_sittin
     assert replicate.teacher_time(cfg) == {
         "attributes": {"calls": 2, "hours": 0.1}, "instructions": {"calls": 1, "hours": 0.15},
         "responses (superseded)": {"calls": 1, "hours": 0.1}, "responses": {"calls": 2, "hours": 0.1}}
+
+
+def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "configs" / "replication.yaml", {"run.out": str(tmp_path / "run")})
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(replicate, "cli", lambda *a: pytest.fail("trained again"))
+    records = [{"instruction": f"q{i}", "output": "a"} for i in range(5)]
+    settings = {**cfg.training.model_dump(mode="json"), "learning_rate": 2e-4, "epochs": 2, "seed": cfg.training.seed}
+    model = tmp_path / "run" / "variants" / "sweep_point" / "model"
+    write_json(model / "card.json", {"data": {"hash": replicate.data_hash(records), "trained_samples": 5},
+                                     "config": settings, "steps": 2, "final_loss": 0.5, "seconds": 9.0})
+    assert replicate.trained_before(cfg, records, settings) == model
+    assert replicate.trained_before(cfg, records, {**settings, "learning_rate": 5e-4}) is None
+    assert replicate.trained_before(cfg, records[:4], settings) is None
+    assert replicate.train(cfg, "unused.yaml", "full_5", records, 2e-4, 2) == model
+    assert json.loads((tmp_path / "results" / "trainings.json").read_text())["full_5"]["samples"] == 5

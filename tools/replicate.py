@@ -36,6 +36,7 @@ from compeffdist.core import CompeffdistError, load_config, read_json, read_json
 from compeffdist.pipeline import STAGES
 from compeffdist.sampling import sample_records
 from compeffdist.sentibench import build_examples, prediction_path, resolve_datasets, result_path
+from compeffdist.training import data_hash
 
 RESULTS = Path("results/replication")
 SCORED = RESULTS / "scored.jsonl"  # the scored corpus, which the sweep and the variants train on (committed)
@@ -132,9 +133,27 @@ def keep_scored_corpus(cfg) -> int:
 
 # --- training and evaluation ----------------------------------------------------------------------------------------
 
+def trained_before(cfg, records: list[dict], settings: dict) -> Path | None:
+    """A student of `<run.out>/variants` already trained on the same samples with the same training settings (under
+    another name: a learning-curve subset can repeat the sweep's chosen point), else None."""
+    h = data_hash(records)
+    for card in sorted(Path(cfg.run.out).glob("variants/*/model/card.json")):
+        c = read_json(card)
+        if c["data"]["hash"] == h and c["config"] == settings:
+            return card.parent
+    return None
+
+
 def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epochs: float, seed: int = 0) -> Path:
-    "Fine-tune the student on `records` (unless already trained); its folder under `<run.out>/variants/<name>`."
+    """Fine-tune the student on `records` (unless already trained, under this name or another); its folder under
+    `<run.out>/variants/<name>`."""
     vdir = Path(cfg.run.out) / "variants" / name
+    settings = {**cfg.training.model_dump(mode="json"), "learning_rate": lr, "epochs": epochs,
+                "seed": cfg.training.seed + seed}
+    if not (vdir / "model" / "card.json").is_file() and (same := trained_before(cfg, records, settings)):
+        print(f"{name}: the student of {same.parent.name} (same samples, same settings)", flush=True)
+        record_training(name, same)
+        return same
     if not (vdir / "model" / "card.json").is_file():
         vdir.mkdir(parents=True, exist_ok=True)
         write_jsonl(vdir / "kept.jsonl", records)
