@@ -150,17 +150,17 @@ def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epoc
     vdir = Path(cfg.run.out) / "variants" / name
     settings = {**cfg.training.model_dump(mode="json"), "learning_rate": lr, "epochs": epochs,
                 "seed": cfg.training.seed + seed}
-    if not (vdir / "model" / "card.json").is_file() and (same := trained_before(cfg, records, settings)):
-        print(f"{name}: the student of {same.parent.name} (same samples, same settings)", flush=True)
-        record_training(name, same)
-        return same
-    if not (vdir / "model" / "card.json").is_file():
+    model = vdir / "model" if (vdir / "model" / "card.json").is_file() else trained_before(cfg, records, settings)
+    if model is None:
         vdir.mkdir(parents=True, exist_ok=True)
         write_jsonl(vdir / "kept.jsonl", records)
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"),
-            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(cfg.training.seed + seed))
-    record_training(name, vdir / "model")
-    return vdir / "model"
+            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(settings["seed"]))
+        model = vdir / "model"
+    elif model != vdir / "model":
+        print(f"{name}: the student of {model.parent.name} (same samples, same settings)", flush=True)
+    record_training(name, model)
+    return model
 
 
 def record_training(name: str, model: Path) -> None:
