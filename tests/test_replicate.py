@@ -167,3 +167,15 @@ def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, mon
     assert replicate.trained_before(cfg, records[:4], settings) is None
     assert replicate.train(cfg, "unused.yaml", "full_5", records, 2e-4, 2) == model
     assert json.loads((tmp_path / "results" / "trainings.json").read_text())["full_5"]["samples"] == 5
+
+
+def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
+    "`variants --only base_student` scores the untrained student on test and trains nothing."
+    evaluated, trained = [], []
+    monkeypatch.setattr(replicate, "train_settings", lambda: {"learning_rate": 5e-5, "epochs": 1, "cap": 384})
+    monkeypatch.setattr(replicate, "capped_corpus", lambda cfg, cap: [])
+    monkeypatch.setattr(replicate, "evaluate", lambda cfg, model, name, split, limit, seeds, *a, **k:
+                        evaluated.append((name, split, seeds)) or {"mean": 0.0})
+    monkeypatch.setattr(replicate, "train", lambda *a, **k: trained.append(a))
+    replicate.main(["variants", "--only", "base_student", "--seeds", "42"])
+    assert evaluated == [("base_student", "test", [42])] and trained == []

@@ -12,6 +12,7 @@ the same machine.
                                                          # trained on 1,000 samples of the corpus: learning rate,
                                                          # then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
+    python tools/replicate.py variants --only base_student --seeds 42   # the untrained student alone, on test
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
 
@@ -267,7 +268,7 @@ def run_variants(cfg, config_path: str, names: list[str], seeds: list[int]) -> N
     tuned = train_settings()
     corpus = capped_corpus(cfg, tuned["cap"])
     evaluate(cfg, cfg.student.model, "base_student", "test", cfg.evaluation.limit, seeds)
-    for name in names:
+    for name in (n for n in names if n != "base_student"):  # the base student is scored above, untrained
         records = corpus if name == "full" else variant_records(cfg, name, corpus)
         model = train(cfg, config_path, name, records, tuned["learning_rate"], tuned["epochs"])
         res = evaluate(cfg, str(model), name, "test", cfg.evaluation.limit, seeds)
@@ -383,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(sweep(cfg, a.config)["chosen"]))
     elif a.command == "variants":
         names = [n for n in a.only.split(",") if n] or list(VARIANTS) + [f"full_{n}" for n in CURVE]
-        if unknown := [n for n in names if n not in VARIANTS and not (n.startswith("full_") and n[5:].isdigit())]:
-            sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}, full_<n>")
+        if unknown := [n for n in names if n not in VARIANTS and n != "base_student"
+                       and not (n.startswith("full_") and n[5:].isdigit())]:
+            sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; known: base_student, {', '.join(VARIANTS)}, "
+                     "full_<n>")
         run_variants(cfg, a.config, names, seeds)
     elif a.command == "teacher":
         datasets = a.datasets.split(",") if a.datasets else None
