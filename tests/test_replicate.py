@@ -40,19 +40,20 @@ def test_variants_sample_the_share_they_name():
     assert len(replicate.variant_records(cfg, "full_300", corpus)) == 300
 
 
-def _fake_evaluation(out: Path, name: str, cfg, datasets, seeds, right: float, rng):
+def _fake_evaluation(out: Path, name: str, cfg, datasets, seeds, right: float, rng, split="test", limit=None):
     "Write results/predictions of a model that gets a share `right` of the gold labels."
-    e = cfg.evaluation
-    res = {"name": name, "protocol": {"limit": e.limit}, "datasets": {}}
+    e, limit = cfg.evaluation, limit or cfg.evaluation.limit
+    res = {"name": name, "protocol": {"limit": limit, "split": split}, "datasets": {}}
     for d in datasets:
         res["datasets"][d] = {"seeds": {}}
         for s in seeds:
-            gold = [x.gold for x in build_examples(d, e.shots, s, e.limit, e.max_chars, e.fixed)]
+            gold = [x.gold for x in build_examples(d, e.shots, s, limit, e.max_chars, e.fixed, split=split)]
             labels = sorted(set(gold))
             preds = [g if rng.random() < right else labels[(labels.index(g) + 1) % len(labels)] for g in gold]
-            write_jsonl(prediction_path(out, name, d, s), [{"prediction": p, "key": str(i)} for i, p in enumerate(preds)])
+            write_jsonl(prediction_path(out, name, d, s, split),
+                        [{"prediction": p, "key": str(i)} for i, p in enumerate(preds)])
             res["datasets"][d]["seeds"][str(s)] = {}
-    write_json(out / f"{name}.json", res)
+    write_json(out / (f"{name}.json" if split == "test" else f"{name}.{split}.json"), res)
 
 
 def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypatch):
@@ -75,6 +76,23 @@ def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypat
     diff = saved["differences"]["full - base_student"]
     assert diff["seeds"] == [42, 52] and saved["differences"]["teacher - full"]["seeds"] == [42]
     assert diff["ci95"][0] > 0  # 0.9 right against 0.5 right: beyond the noise
+
+
+def test_validation_summary_pairs_each_sweep_student_with_the_base_student(sentibench_root, tmp_path, monkeypatch):
+    "summary.val.json: the sweep's students on the first 100 validation examples, each against the base student."
+    cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.datasets": ["sc/sst2", "sc/twitter"]})
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    out, rng, ds = tmp_path / "evals" / "val", np.random.default_rng(2), ["sc/sst2", "sc/twitter"]
+    _fake_evaluation(out, "base_student", cfg, ds, [42], 0.5, rng, "val", 100)
+    _fake_evaluation(out, "sweep_a", cfg, ds, [42], 0.9, rng, "val", 100)
+    _fake_evaluation(out, "sweep_b", cfg, ds, [42], 0.5, rng, "val", 100)
+    s = json.loads((tmp_path / "summary.val.json").read_text()) if replicate.summarise(cfg, "val") else None
+    assert s["protocol"]["split"] == "val" and s["protocol"]["limit"] == 100 and s["protocol"]["seeds"] == [42]
+    assert set(s["differences"]) == {"sweep_a - base_student", "sweep_b - base_student"}
+    assert s["differences"]["sweep_a - base_student"]["ci95"][0] > 0  # 0.9 right against 0.5: beyond the noise
+    lo, hi = s["differences"]["sweep_b - base_student"]["ci95"]
+    assert lo < 0 < hi  # the same share right: inside it
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_sweep_and_variants_need_the_scored_corpus_that_corpus_keeps(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ the same machine.
     python tools/replicate.py variants --only base_student --seeds 42   # the untrained student alone, on test
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
+                                                         # (and summary.val.json: the sweep against the base student)
 
 The corpus itself is built (in slices, each committed) by
 `compeffdist run --config configs/replication.yaml --until difficulty --max-minutes 60`.
@@ -286,30 +287,44 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
     return float(f1[seen].mean())
 
 
+def protocol(cfg, split: str) -> dict:
+    "Where each split is scored: test as the config says, validation as the sweep does (`VAL`)."
+    e = cfg.evaluation
+    return {"split": "test", "limit": e.limit, "seeds": e.seeds} if split == "test" else VAL
+
+
 def scored_cells(cfg, split: str = "test") -> dict[str, dict[tuple[str, int], list[str]]]:
     "Model -> (dataset, seed) -> predictions, for every evaluation of the split in results/replication."
     out: dict = {}
-    e = cfg.evaluation
+    limit = protocol(cfg, split)["limit"]
     for res_file in sorted((RESULTS / "evals" / split).glob("*.json")):
         res = read_json(res_file)
         for d, entry in res["datasets"].items():
             for s in entry["seeds"]:
                 rows = read_jsonl(prediction_path(RESULTS / "evals" / split, res["name"], d, int(s), split))
-                out.setdefault(res["name"], {})[(d, int(s))] = [r["prediction"].strip().lower() for r in rows][:e.limit]
+                out.setdefault(res["name"], {})[(d, int(s))] = [r["prediction"].strip().lower() for r in rows][:limit]
     return out
 
 
-def draw_means(cfg, models: list[str], cells: dict, seeds: list[int], reps: int = 2000, seed: int = 0) -> dict:
-    """Each model's mean macro-F1 (x100) over the datasets and `seeds`: on the test examples as they are (index 0)
+def gold_labels(cfg, dataset: str, seed: int, split: str = "test") -> list[str]:
+    "The gold labels of the examples `split` is scored on (see `protocol`), in order."
+    e = cfg.evaluation
+    return [x.gold for x in build_examples(dataset, e.shots, seed, protocol(cfg, split)["limit"], e.max_chars, e.fixed,
+                                           split=split)]
+
+
+def draw_means(cfg, models: list[str], cells: dict, seeds: list[int], reps: int = 2000, seed: int = 0,
+               split: str = "test") -> dict:
+    """Each model's mean macro-F1 (x100) over the datasets and `seeds`: on the split's examples as they are (index 0)
     and on `reps` bootstrap resamples of them (the same resample of a dataset for every model and seed)."""
-    e, rng = cfg.evaluation, np.random.default_rng(seed)
-    datasets = resolve_datasets(e.datasets)
+    rng = np.random.default_rng(seed)
+    datasets = resolve_datasets(cfg.evaluation.datasets)
     means = {m: np.zeros(reps + 1) for m in models}
     for d in datasets:
-        n = len(build_examples(d, e.shots, seeds[0], e.limit, e.max_chars, e.fixed))
+        n = len(gold_labels(cfg, d, seeds[0], split))
         draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(reps)]
         for s in seeds:
-            gold = [x.gold for x in build_examples(d, e.shots, s, e.limit, e.max_chars, e.fixed)]
+            gold = gold_labels(cfg, d, s, split)
             preds = {m: cells[m][(d, s)] for m in models}
             labels = {l: i for i, l in enumerate(sorted(set(gold).union(*map(set, preds.values()))))}
             g = np.array([labels[x] for x in gold])
@@ -324,11 +339,12 @@ def interval(x: np.ndarray) -> list[float]:
     return [round(float(v), 2) for v in np.percentile(x[1:], [2.5, 97.5])]
 
 
-def summarise(cfg) -> dict:
+def summarise(cfg, split: str = "test") -> dict:
     """results/replication/summary.json: every model scored on test (mean and 95% interval over examples and its
-    seeds), and the paired differences of `PAIRS` over the seeds both models have."""
+    seeds), and the paired differences of `PAIRS` over the seeds both models have. With `split="val"`, the same for
+    the sweep's students (summary.val.json), each paired with the base student."""
     e = cfg.evaluation
-    cells = scored_cells(cfg)
+    cells = scored_cells(cfg, split)
     datasets = resolve_datasets(e.datasets)
     models, diffs = {}, {}
     trainings = read_json(RESULTS / "trainings.json") if (RESULTS / "trainings.json").is_file() else {}
@@ -336,27 +352,26 @@ def summarise(cfg) -> dict:
         seeds = sorted({s for (_, s) in got if all((d, s) in got for d in datasets)})
         if not seeds:
             continue
-        draws = draw_means(cfg, [m], cells, seeds)[m]
+        draws = draw_means(cfg, [m], cells, seeds, split=split)[m]
         models[m] = {"mean": round(float(draws[0]), 2), "ci95": interval(draws), "seeds": seeds,
                      "n_samples": trainings.get(m, {}).get("samples"),
-                     "per_seed": {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)]), 2) for d in datasets}
-                                  for s in seeds}}
-    for a, b in PAIRS:
+                     "per_seed": {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)], split), 2)
+                                           for d in datasets} for s in seeds}}
+    pairs = PAIRS if split == "test" else [(m, "base_student") for m in models if m != "base_student"]
+    for a, b in pairs:
         common = sorted(set(models.get(a, {}).get("seeds", [])) & set(models.get(b, {}).get("seeds", [])))
         if common:
-            dm = draw_means(cfg, [a, b], cells, common)
+            dm = draw_means(cfg, [a, b], cells, common, split=split)
             diff = dm[a] - dm[b]
             diffs[f"{a} - {b}"] = {"mean": round(float(diff[0]), 2), "ci95": interval(diff), "seeds": common}
-    summary = {"protocol": {"split": "test", "limit": e.limit, "shots": e.shots, "seeds": e.seeds,
-                            "max_chars": e.max_chars, "datasets": datasets},
+    summary = {"protocol": {**protocol(cfg, split), "shots": e.shots, "max_chars": e.max_chars, "datasets": datasets},
                "models": models, "differences": diffs}
-    write_json(RESULTS / "summary.json", summary)
+    write_json(RESULTS / ("summary.json" if split == "test" else f"summary.{split}.json"), summary)
     return summary
 
 
-def macro_f1_of(cfg, dataset: str, seed: int, preds: list[str]) -> float:
-    e = cfg.evaluation
-    gold = [x.gold for x in build_examples(dataset, e.shots, seed, e.limit, e.max_chars, e.fixed)]
+def macro_f1_of(cfg, dataset: str, seed: int, preds: list[str], split: str = "test") -> float:
+    gold = gold_labels(cfg, dataset, seed, split)
     labels = {l: i for i, l in enumerate(sorted(set(gold) | set(preds)))}
     return macro_f1(np.array([labels[x] for x in gold]), np.array([labels[x] for x in preds]), len(labels))
 
@@ -393,9 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         datasets = a.datasets.split(",") if a.datasets else None
         evaluate(cfg, cfg.teacher.model, "teacher", "test", cfg.evaluation.limit, seeds, "llamacpp", datasets)
     else:
-        summary = summarise(cfg)
-        for m, v in summary["models"].items():
-            print(f"{m:<16} {v['mean']:6.2f} ({v['ci95'][0]:.2f} .. {v['ci95'][1]:.2f}), seeds {v['seeds']}")
+        for split in ("val", "test"):
+            summary = summarise(cfg, split)
+            for m, v in summary["models"].items():
+                print(f"{split:<4} {m:<26} {v['mean']:6.2f} ({v['ci95'][0]:.2f} .. {v['ci95'][1]:.2f}), "
+                      f"seeds {v['seeds']}")
     return 0
 
 
