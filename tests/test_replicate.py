@@ -179,7 +179,8 @@ def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, mon
     settings = {**cfg.training.model_dump(mode="json"), "learning_rate": 2e-4, "epochs": 2, "seed": cfg.training.seed}
     model = tmp_path / "run" / "variants" / "sweep_point" / "model"
     write_json(model / "card.json", {"data": {"hash": replicate.data_hash(records), "trained_samples": 5},
-                                     "config": settings, "steps": 2, "final_loss": 0.5, "seconds": 9.0})
+                                     "config": settings, "steps": 2, "final_loss": 0.5, "seconds": 9.0,
+                                     "bf16": False})
     assert replicate.trained_before(cfg, records, settings) == model
     assert replicate.trained_before(cfg, records, {**settings, "learning_rate": 5e-4}) is None
     assert replicate.trained_before(cfg, records[:4], settings) is None

@@ -172,7 +172,7 @@ def record_training(name: str, model: Path) -> None:
     done[name] = {"samples": card["data"]["trained_samples"], "data_hash": card["data"]["hash"],
                   "learning_rate": card["config"]["learning_rate"], "epochs": card["config"]["epochs"],
                   "steps": card["steps"], "final_loss": card["final_loss"], "seconds": card["seconds"],
-                  "resumed_from_step": card.get("resumed_from_step", 0)}
+                  "resumed_from_step": card.get("resumed_from_step", 0), "bf16": card["bf16"]}
     write_json(path, dict(sorted(done.items())))
 
 
@@ -243,7 +243,7 @@ def sweep_point(cfg, config_path: str, setting: dict) -> dict:
     res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
     print(f"{name}: val mean {res['mean']:.2f}", flush=True)
     return {"name": name, **setting, "samples": len(records), "steps": card["steps"],
-            "final_loss": round(card["final_loss"], 4), "train_seconds": card["seconds"],
+            "final_loss": round(card["final_loss"], 4), "train_seconds": card["seconds"], "bf16": card["bf16"],
             "val_mean": round(res["mean"], 2)}
 
 
