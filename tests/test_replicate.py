@@ -198,3 +198,22 @@ def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
     monkeypatch.setattr(replicate, "train", lambda *a, **k: trained.append(a))
     replicate.main(["variants", "--only", "base_student", "--seeds", "42"])
     assert evaluated == [("base_student", "test", [42])] and trained == []
+
+
+def test_evaluating_more_seeds_keeps_the_seeds_scored_before(sentibench_root, tmp_path, monkeypatch):
+    "The eval command writes only the seeds it is asked for: a later run must ask again for the earlier ones."
+    cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 10, "evaluation.datasets": ["sc/sst2"]})
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    out, asked = tmp_path / "evals" / "test", []
+
+    def fake_cli(*args):
+        seeds = [int(s) for s in args[args.index("--seeds") + 1].split(",")]
+        asked.append(seeds)
+        _fake_evaluation(out, "base_student", cfg, ["sc/sst2"], seeds, 0.5, np.random.default_rng(0), limit=10)
+
+    monkeypatch.setattr(replicate, "cli", fake_cli)
+    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52, 62])
+    res = replicate.evaluate(cfg, "m", "base_student", "test", 10, [42])
+    assert asked == [[52, 62], [42, 52, 62]] and set(res["datasets"]["sc/sst2"]["seeds"]) == {"42", "52", "62"}
+    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52])  # all scored: no new run
+    assert len(asked) == 2
