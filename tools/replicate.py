@@ -53,7 +53,8 @@ SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 2), "cap": (384, 256
 # The sweep trains on a fixed random subset of the corpus: one epoch of the whole corpus takes most of a sitting on
 # the 2-core CPU, and a student must be trained and scored in the same sitting (its weights are not kept).
 SWEEP_SAMPLES = 1000
-PAIRS = [("full", "base_student"), ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
+PAIRS = [("full", "base_student"), ("difficulty_10", "base_student"), ("random_10", "base_student"),
+         ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
          ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("teacher", "full")]
 
 
