@@ -76,6 +76,12 @@ def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypat
     diff = saved["differences"]["full - base_student"]
     assert diff["seeds"] == [42, 52] and saved["differences"]["teacher - full"]["seeds"] == [42]
     assert diff["ci95"][0] > 0  # 0.9 right against 0.5 right: beyond the noise
+    shares = saved["label_shares"]
+    assert set(shares["gold"]) == {"sc/sst2", "sc/twitter"} and set(shares["models"]) == {"base_student", "full", "teacher"}
+    assert all(sum(v.values()) == pytest.approx(1, abs=1e-3) for v in shares["gold"].values())
+    # a model right on 95% of the examples predicts each label about as often as it is gold
+    for label, g in shares["gold"]["sc/twitter"].items():
+        assert shares["models"]["teacher"]["sc/twitter"].get(label, 0) == pytest.approx(g, abs=0.1)
 
 
 def test_validation_summary_pairs_each_sweep_student_with_the_base_student(sentibench_root, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -371,8 +372,20 @@ def summarise(cfg, split: str = "test") -> dict:
             diffs[f"{a} - {b}"] = {"mean": round(float(diff[0]), 2), "ci95": interval(diff), "seeds": common}
     summary = {"protocol": {**protocol(cfg, split), "shots": e.shots, "max_chars": e.max_chars, "datasets": datasets},
                "models": models, "differences": diffs}
+    if split == "test":
+        summary["label_shares"] = label_shares(cfg, cells, models)
     write_json(RESULTS / ("summary.json" if split == "test" else f"summary.{split}.json"), summary)
     return summary
+
+
+def label_shares(cfg, cells: dict, models: dict) -> dict:
+    """Per dataset, the share of each label among the gold labels and among each model's predictions (its seeds
+    pooled): where a model's predictions lean to one label, macro-F1 pays for it."""
+    datasets = resolve_datasets(cfg.evaluation.datasets)
+    share = lambda xs: {label: round(n / len(xs), 4) for label, n in sorted(Counter(xs).items())}
+    gold = {d: share(gold_labels(cfg, d, cfg.evaluation.seeds[0])) for d in datasets}  # the seed draws only the shots
+    return {"gold": gold, "models": {m: {d: share([p for s in v["seeds"] for p in cells[m][(d, s)]]) for d in datasets}
+                                     for m, v in models.items()}}
 
 
 def macro_f1_of(cfg, dataset: str, seed: int, preds: list[str], split: str = "test") -> float:
