@@ -688,9 +688,12 @@ def evaluate_model(backend, name: str, out_dir: str | os.PathLike, datasets: str
                 "fixed": fixed}
     path = result_path(out_dir, name, split)
     res = read_json(path) if path.is_file() else None
-    if not res or res.get("identity") != backend.ref.identity or res.get("protocol") != protocol:
+    unseeded = lambda p: {k: v for k, v in p.items() if k != "seeds"}
+    if not res or res.get("identity") != backend.ref.identity or unseeded(res.get("protocol", {})) != unseeded(protocol):
         res = {"name": name, "model": backend.ref.spec, "identity": backend.ref.identity, "engine": backend.name,
                "protocol": protocol, "datasets": {}, "seconds": 0.0}
+    # seeds accumulate as datasets do: other seeds are added to the results, the seeds scored before stay
+    res["protocol"]["seeds"] += [s for s in seeds if s not in res["protocol"]["seeds"]]
     for ds_name in names:
         entry = res["datasets"].setdefault(ds_name, {"family": SENTIBENCH[ds_name].family, "seeds": {}})
         for seed in (s for s in seeds if str(s) not in entry["seeds"]):

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from compeffdist.core import load_config, read_jsonl, write_json, write_jsonl
-from compeffdist.sentibench import build_examples, prediction_path
+from compeffdist.sentibench import build_examples, prediction_path, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -206,20 +206,21 @@ def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
     assert evaluated == [("base_student", "test", [42])] and trained == []
 
 
-def test_evaluating_more_seeds_keeps_the_seeds_scored_before(sentibench_root, tmp_path, monkeypatch):
-    "The eval command writes only the seeds it is asked for: a later run must ask again for the earlier ones."
+def test_evaluate_runs_the_eval_command_only_for_a_seed_not_scored(sentibench_root, tmp_path, monkeypatch):
+    "A (dataset, seed) already in the result file is not asked for again; a new seed is (the command adds it)."
     cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 10, "evaluation.datasets": ["sc/sst2"]})
     monkeypatch.setattr(replicate, "RESULTS", tmp_path)
     out, asked = tmp_path / "evals" / "test", []
 
     def fake_cli(*args):
-        seeds = [int(s) for s in args[args.index("--seeds") + 1].split(",")]
-        asked.append(seeds)
-        _fake_evaluation(out, "base_student", cfg, ["sc/sst2"], seeds, 0.5, np.random.default_rng(0), limit=10)
+        asked.append([int(s) for s in args[args.index("--seeds") + 1].split(",")])
+        done = {int(s) for s in json.loads(result_path(out, "base_student").read_text())["datasets"]["sc/sst2"]["seeds"]} \
+            if result_path(out, "base_student").is_file() else set()
+        _fake_evaluation(out, "base_student", cfg, ["sc/sst2"], sorted(done | set(asked[-1])), 0.5,
+                         np.random.default_rng(0), limit=10)
 
     monkeypatch.setattr(replicate, "cli", fake_cli)
     replicate.evaluate(cfg, "m", "base_student", "test", 10, [52, 62])
-    res = replicate.evaluate(cfg, "m", "base_student", "test", 10, [42])
-    assert asked == [[52, 62], [42, 52, 62]] and set(res["datasets"]["sc/sst2"]["seeds"]) == {"42", "52", "62"}
-    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52])  # all scored: no new run
-    assert len(asked) == 2
+    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52])  # scored: no new run
+    res = replicate.evaluate(cfg, "m", "base_student", "test", 10, [42, 52])
+    assert asked == [[52, 62], [42, 52]] and set(res["datasets"]["sc/sst2"]["seeds"]) == {"42", "52", "62"}

@@ -184,10 +184,6 @@ def evaluate(cfg, model: str, name: str, split: str, limit: int, seeds: list[int
     e, out = cfg.evaluation, RESULTS / "evals" / split
     names = datasets or resolve_datasets(e.datasets)
     res_path = result_path(out, name, split)
-    # the result file holds only the seeds of the run that wrote it: ask again for the seeds already scored (their
-    # predictions are on disk and are read back, not recomputed) so that it keeps them all
-    if res_path.is_file():
-        seeds = sorted(set(seeds) | {int(s) for d in read_json(res_path)["datasets"].values() for s in d["seeds"]})
     args = ["eval", "--model", model, "--name", name, "--out", str(out), "--split", split, "--engine", engine,
             "--datasets", ",".join(names), "--shots", str(e.shots), "--seeds", ",".join(map(str, seeds)),
             "--limit", str(limit), "--batch-size", str(e.batch_size or cfg.student.batch_size)]
