@@ -56,7 +56,7 @@ SWEEP = {"learning_rate": (5e-5, 2e-4, 5e-4), "epochs": (1, 2), "cap": (384, 256
 SWEEP_SAMPLES = 1000
 PAIRS = [("full", "base_student"), ("difficulty_10", "base_student"), ("random_10", "base_student"),
          ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
-         ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("teacher", "full"),
+         ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("difficulty_50", "full"), ("teacher", "full"),
          ("full", "full_1000"), ("full", "full_300")]
 
 
