@@ -186,12 +186,13 @@ def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, mon
     model = tmp_path / "run" / "variants" / "sweep_point" / "model"
     write_json(model / "card.json", {"data": {"hash": replicate.data_hash(records), "trained_samples": 5},
                                      "config": settings, "steps": 2, "final_loss": 0.5, "seconds": 9.0,
-                                     "bf16": False})
+                                     "bf16": False, "device": "cpu"})
     assert replicate.trained_before(cfg, records, settings) == model
     assert replicate.trained_before(cfg, records, {**settings, "learning_rate": 5e-4}) is None
     assert replicate.trained_before(cfg, records[:4], settings) is None
     assert replicate.train(cfg, "unused.yaml", "full_5", records, 2e-4, 2) == model
-    assert json.loads((tmp_path / "results" / "trainings.json").read_text())["full_5"]["samples"] == 5
+    recorded = json.loads((tmp_path / "results" / "trainings.json").read_text())["full_5"]
+    assert recorded["samples"] == 5 and recorded["device"] == "cpu"
 
 
 def test_variants_base_student_alone_scores_it_without_training(monkeypatch):

@@ -175,7 +175,8 @@ def record_training(name: str, model: Path) -> None:
     done[name] = {"samples": card["data"]["trained_samples"], "data_hash": card["data"]["hash"],
                   "learning_rate": card["config"]["learning_rate"], "epochs": card["config"]["epochs"],
                   "steps": card["steps"], "final_loss": card["final_loss"], "seconds": card["seconds"],
-                  "resumed_from_step": card.get("resumed_from_step", 0), "bf16": card["bf16"]}
+                  "resumed_from_step": card.get("resumed_from_step", 0), "bf16": card["bf16"],
+                  "device": card["device"]}
     write_json(path, dict(sorted(done.items())))
 
 
