@@ -225,3 +225,34 @@ def test_evaluate_runs_the_eval_command_only_for_a_seed_not_scored(sentibench_ro
     replicate.evaluate(cfg, "m", "base_student", "test", 10, [52])  # scored: no new run
     res = replicate.evaluate(cfg, "m", "base_student", "test", 10, [42, 52])
     assert asked == [[52, 62], [42, 52]] and set(res["datasets"]["sc/sst2"]["seeds"]) == {"42", "52", "62"}
+
+
+def test_device_reaches_the_training_and_the_scoring_of_each_student(tmp_path, monkeypatch):
+    "`--device cuda` trains and scores the students there; without it, the config's `student.device` (cpu)."
+    seen = []
+    monkeypatch.setattr(replicate, "run_variants", lambda cfg, *a: seen.append(cfg.student.device))
+    monkeypatch.setattr(replicate, "SCORED", tmp_path / "scored.jsonl")
+    (tmp_path / "scored.jsonl").write_text("")
+    replicate.main(["variants", "--only", "difficulty_50", "--device", "cuda"])
+    replicate.main(["variants", "--only", "difficulty_50"])
+    assert seen == ["cuda", "cpu"]
+    cfg = load_config(ROOT / "configs" / "replication.yaml",
+                      {"run.out": str(tmp_path / "run"), "student.device": "cuda", "evaluation.datasets": ["sc/sst2"]})
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
+    calls = []
+
+    def fake_cli(*args):
+        calls.append(args)
+        if args[0] == "train":
+            out = Path(args[args.index("--out") + 1])
+            write_json(out / "card.json", {"data": {"hash": "h", "trained_samples": 1}, "config": {"learning_rate": 5e-5,
+                       "epochs": 2}, "steps": 1, "final_loss": 1.0, "seconds": 1.0, "bf16": True, "device": "cuda"})
+        else:
+            raise SystemExit("scored")
+
+    monkeypatch.setattr(replicate, "cli", fake_cli)
+    model = replicate.train(cfg, "unused.yaml", "difficulty_50", [{"instruction": "q", "output": "a"}], 5e-5, 2)
+    with pytest.raises(SystemExit):
+        replicate.evaluate(cfg, str(model), "difficulty_50", "test", 10, [42])
+    assert [c[c.index("--device") + 1] for c in calls] == ["cuda", "cuda"]
+    assert json.loads((tmp_path / "results" / "trainings.json").read_text())["difficulty_50"]["device"] == "cuda"

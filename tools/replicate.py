@@ -13,6 +13,7 @@ the same machine.
                                                          # then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
     python tools/replicate.py variants --only base_student --seeds 42   # the untrained student alone, on test
+    python tools/replicate.py variants --only difficulty_50,random_50 --device cuda   # students on a GPU
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
                                                          # (and summary.val.json: the sweep against the base student)
@@ -160,7 +161,7 @@ def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epoc
         vdir.mkdir(parents=True, exist_ok=True)
         write_jsonl(vdir / "kept.jsonl", records)
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"),
-            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(settings["seed"]))
+            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(settings["seed"]), "--device", cfg.student.device)
         model = vdir / "model"
     elif model != vdir / "model":
         print(f"{name}: the student of {model.parent.name} (same samples, same settings)", flush=True)
@@ -401,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="variants: comma-separated names (default: all, and the learning curve)")
     ap.add_argument("--seeds", help="comma-separated evaluation seeds (default: the config's)")
     ap.add_argument("--datasets", help="teacher: comma-separated datasets (default: the config's)")
+    ap.add_argument("--device", help="sweep, variants: where the students train and are scored, e.g. cuda "
+                                     "(default: the config's student.device)")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, {"student.device": a.device} if a.device else None)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else cfg.evaluation.seeds
     if a.command in ("sweep", "variants") and not SCORED.is_file():
         sys.exit(f"error: {SCORED} missing: run `compeffdist run --config {a.config} --until difficulty`, "
