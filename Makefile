@@ -4,6 +4,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the dependency files' content (nbdev-export rewrites pyproject.toml, unchanged, at every export)
+DEPS := $(VENV)/.deps.sha256
 # SentiBench: give its folder with COMPEFFDIST_SENTIBENCH; otherwise it is downloaded (needs internet) into data/.
 export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
 export HF_HUB_OFFLINE ?= 1
@@ -11,7 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export system-deps
 
-$(STAMP): pyproject.toml constraints.txt
+# the venv is reinstalled when the content of the dependency files changes, not their timestamps
+$(DEPS): pyproject.toml constraints.txt
+	@mkdir -p $(VENV)
+	@sha256sum $^ > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(STAMP): $(DEPS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # CPU build here; on a GPU machine install your CUDA build of torch first
