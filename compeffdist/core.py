@@ -103,6 +103,7 @@ class SourceConfig(Section):
 class DataConfig(Section):
     "User texts for instruction construction and distillation, and where SentiBench lives."
     sentibench: str | None = None  # folder; else the COMPEFFDIST_SENTIBENCH environment variable
+    paper_data: str | None = None  # the authors' published artefacts (folder); else $COMPEFFDIST_PAPER_DATA
     sources: list[SourceConfig] = [SourceConfig()]
     n_texts: int = Field(20000, ge=1)  # texts drawn (seeded) from all sources
     min_chars: int = Field(20, ge=0)
@@ -129,6 +130,8 @@ class AttributesConfig(Section):
     min_count_per_20k: float = 10.0  # the reference keeps count > 10 over 20K texts
     max_attributes_per_text: int = Field(20, ge=1)
     n_texts: int | None = Field(None, ge=1)  # enumerate only the first N user texts (None: all); pairing uses all
+    # a published attribute list ({attr, attr_names, count} items) instead of the teacher; relative: under paper_data
+    published: str | None = None
 
 
 class ClusteringConfig(Section):
@@ -142,6 +145,9 @@ class ClusteringConfig(Section):
     n_clusters: int = Field(200, ge=1)  # kmeans
     random_state: int = 42
     giant_cluster_fraction: float = Field(0.25, gt=0, le=1)  # a cluster holding more of the attributes is reported
+    # published clusters ({cluster_id, attr_names: ["name|(count)"], total_count}) taken as they are; relative: under
+    # paper_data
+    published: str | None = None
 
 # %% ../nbs/00_core.ipynb #fc2e807c
 class InstructionsConfig(Section):
@@ -393,12 +399,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    "Read a JSON file; errors name the file."
+    "Read a JSON file (a leading byte-order mark is allowed); errors name the file."
     path = Path(path)
     if not path.is_file():
         raise CompeffdistError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CompeffdistError(f"{path}: not valid JSON ({e})") from None
 
