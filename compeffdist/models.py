@@ -10,15 +10,18 @@ import importlib.util
 import os
 import re
 import shutil
+import sqlite3
+import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core import CompeffdistError, atomic_write, cache_dir
 
 # %% auto #0
-__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'ModelRef', 'assemble_split_file',
-           'assemble_qwen_teacher', 'resolve_model', 'hf_model_path', 'pick_device', 'load_tokenizer', 'ref_revision',
-           'load_causal_lm', 'load_embedder', 'models_cli']
+__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'VERIFIED', 'ModelRef', 'assemble_split_file',
+           'assemble_qwen_teacher', 'file_sha256', 'model_files', 'content_sha256', 'resolve_model', 'hf_model_path',
+           'pick_device', 'load_tokenizer', 'ref_revision', 'load_causal_lm', 'load_embedder', 'models_cli']
 
 # %% ../nbs/02_models.ipynb #f6d088b1
 @dataclass(frozen=True)
@@ -105,16 +108,70 @@ ALIASES = {
     "all-minilm-l6-v2": (_minilm, "dir", "sentence-transformers/all-MiniLM-L6-v2"),
 }
 
+# %% ../nbs/02_models.ipynb #9c1f2a02
+_RECENT_S = 2.0  # a file modified this recently is hashed but not remembered
+
+
+def _hash_memo(query: str, args: tuple) -> list:
+    "Run one query on the digest memo in the cache folder; nothing (and no error) where it cannot be opened."
+    try:
+        with closing(sqlite3.connect(cache_dir() / "file_hashes.sqlite", timeout=60)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                       "ctime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            return db.execute(query, args).fetchall()
+    except (sqlite3.Error, OSError):  # a read-only or locked cache: hash without remembering
+        return []
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    "SHA-256 of a file's content, read once while its path, size, times and inode stay the same."
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    known = _hash_memo("SELECT size, mtime_ns, ctime_ns, inode, sha256 FROM hashes WHERE path = ?", key[:1])
+    if known and tuple(known[0][:4]) == key[1:]:
+        return known[0][4]
+    digest = _file_sha256(path)
+    if time.time() - st.st_mtime_ns / 1e9 > _RECENT_S:
+        _hash_memo("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)", (*key, digest))
+    return digest
+
+# %% ../nbs/02_models.ipynb #9c1f2a05
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".jinja", ".tiktoken",
+                   ".py")
+_NOT_MODEL = {"card.json", "training_args.bin"}  # what a training writes about itself
+
+
+def model_files(folder: Path) -> list[Path]:
+    "The files of a model folder that make what it answers: weights, configs, tokenizer, chat template, code."
+    def kept(p: Path) -> bool:
+        parts = p.relative_to(folder).parts
+        return (p.suffix in _MODEL_SUFFIXES and p.name not in _NOT_MODEL and p.is_file()
+                and not any(x.startswith((".", "checkpoint-")) for x in parts))
+    return [p for p in sorted(folder.rglob("*")) if kept(p)]
+
+# %% ../nbs/02_models.ipynb #9c1f2a06
+def content_sha256(path: Path) -> str:
+    "SHA-256 of a file, or of a folder's model files (each file's path in the folder and digest)."
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    lines = "".join(f"{p.relative_to(path).as_posix()}\t{file_sha256(p)}\n" for p in model_files(path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+# %% ../nbs/02_models.ipynb #9c1f2a09
+# alias -> (SHA-256 of the content its package ships, the identity its recorded caches were made under)
+VERIFIED = {
+    "smollm2-135m-instruct": ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                              "98362432-8597a9397a0b"),
+    "qwen2.5-coder-1.5b-instruct": (QWEN_SHA256, "1117320768-4372a4731dd8"),
+    "all-minilm-l6-v2": ("3741213dcd05db24fca05cf645b303d337901872a5186553c9306550330153fd", "a5336136d214"),
+}
+
 # %% ../nbs/02_models.ipynb #5679d6ec
 def _fingerprint(path: Path) -> str:
-    "Cheap identity of a local file or folder: name, size and hash of the first and last MiB."
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".gguf"))
-        return hashlib.sha256("|".join(f"{p.relative_to(path)}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
-    h, size = hashlib.sha256(), path.stat().st_size
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20)); f.seek(max(0, size - (1 << 20))); h.update(f.read(1 << 20))
-    return f"{size}-{h.hexdigest()[:12]}"
+    "Identity of a local file or folder: the first 16 hex digits of `content_sha256`."
+    return content_sha256(path)[:16]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -129,7 +186,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
         path = find()
         if not path.exists():
             raise CompeffdistError(f"model '{spec}': {path} is missing; reinstall 'compeffdist[offline]'")
-        return ModelRef(spec, kind, str(path), f"{spec}@{_fingerprint(path)}", hub_id)
+        sha, (verified, tag) = content_sha256(path), VERIFIED.get(spec, (None, None))
+        return ModelRef(spec, kind, str(path), f"{spec}@{tag if sha == verified else sha[:16]}", hub_id)
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         with open(p, "rb") as f:

