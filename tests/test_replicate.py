@@ -1,6 +1,8 @@
 """tools/replicate.py: the replication's bookkeeping (metric, bootstrap, sampling of variants, the summary file),
-on real SentiBench labels with made-up predictions, and its one-line errors."""
+on real SentiBench labels with the committed and with made-up predictions; evaluations run with the real eval
+command on a tiny student; its one-line errors."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +59,25 @@ def _fake_evaluation(out: Path, name: str, cfg, datasets, seeds, right: float, r
 
 
 def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypatch):
+    """The committed summary.json and summary.val.json are what `summary` makes of the committed predictions: every
+    model's mean and interval, every paired difference and every label share, rebuilt and compared."""
+    committed = ROOT / "results" / "replication"
+    (tmp_path / "evals").symlink_to(committed / "evals")
+    shutil.copy(committed / "trainings.json", tmp_path / "trainings.json")
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    for split, name in (("test", "summary.json"), ("val", "summary.val.json")):
+        rebuilt = json.loads(json.dumps(replicate.summarise(cfg, split)))
+        assert rebuilt == json.loads((committed / name).read_text()), name
+        assert json.loads((tmp_path / name).read_text()) == rebuilt
+        assert rebuilt["models"] and rebuilt["differences"]
+        if split == "test":  # the headline: the students against the base student and the teacher
+            assert {"full", "base_student", "teacher"} <= set(rebuilt["models"])
+            assert "full - base_student" in rebuilt["differences"]
+
+
+def test_summary_of_made_up_predictions(sentibench_root, tmp_path, monkeypatch):
+    "Means, intervals, seeds, paired differences and label shares of models right on a known share of examples."
     cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 40,
                                                               "evaluation.datasets": ["sc/sst2", "sc/twitter"]})
     monkeypatch.setattr(replicate, "RESULTS", tmp_path)
@@ -64,9 +85,9 @@ def test_summary_from_committed_predictions(sentibench_root, tmp_path, monkeypat
     _fake_evaluation(out, "base_student", cfg, ["sc/sst2", "sc/twitter"], [42, 52], 0.5, rng)
     _fake_evaluation(out, "full", cfg, ["sc/sst2", "sc/twitter"], [42, 52], 0.9, rng)
     _fake_evaluation(out, "teacher", cfg, ["sc/sst2", "sc/twitter"], [42], 0.95, rng)  # one seed: bootstrapped apart
-    s = replicate.summarise(cfg)
+    replicate.summarise(cfg)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved == json.loads(json.dumps(s)) and saved["protocol"]["limit"] == 40
+    assert saved["protocol"]["limit"] == 40
     m = saved["models"]
     assert m["full"]["seeds"] == [42, 52] and m["teacher"]["seeds"] == [42]
     assert set(m["full"]["per_seed"]) == {"42", "52"} and set(m["full"]["per_seed"]["42"]) == {"sc/sst2", "sc/twitter"}
@@ -207,24 +228,53 @@ def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
     assert evaluated == [("base_student", "test", [42])] and trained == []
 
 
+def _eval_command_spy(monkeypatch) -> list:
+    "The eval command, run for real (in this process); returns the list of the seeds each run was asked for."
+    from compeffdist.cli import main
+    asked = []
+    monkeypatch.setattr(replicate, "cli", lambda *args: asked.append(args[args.index("--seeds") + 1])
+                        or main(list(args)))
+    return asked
+
+
+def _tiny_eval_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
+    return load_config(ROOT / "configs" / "replication.yaml", {
+        "evaluation.datasets": ["sc/sst2"], "student.device": "cpu", "student.dtype": "float32",
+        "student.batch_size": 4})
+
+
 def test_evaluate_runs_the_eval_command_only_for_a_seed_not_scored(sentibench_root, tmp_path, monkeypatch):
-    "A (dataset, seed) already in the result file is not asked for again; a new seed is (the command adds it)."
-    cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 10, "evaluation.datasets": ["sc/sst2"]})
-    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
-    out, asked = tmp_path / "evals" / "test", []
+    "A (dataset, seed) already scored with the same weights is not asked for again; a new seed is, alone."
+    from compeffdist.pipeline import make_tiny_student
+    student, cfg = str(make_tiny_student(tmp_path / "student")), _tiny_eval_config(tmp_path, monkeypatch)
+    asked, out = _eval_command_spy(monkeypatch), tmp_path / "results" / "evals" / "test"
+    replicate.evaluate(cfg, student, "student", "test", 4, [52, 62])
+    scored = json.loads(result_path(out, "student").read_text())["datasets"]["sc/sst2"]["seeds"]
+    stamp = prediction_path(out, "student", "sc/sst2", 52).stat().st_mtime_ns
+    replicate.evaluate(cfg, student, "student", "test", 4, [52])  # scored: the command does not run
+    res = replicate.evaluate(cfg, student, "student", "test", 4, [42, 52])
+    assert asked == ["52,62", "42"]
+    got = res["datasets"]["sc/sst2"]["seeds"]
+    assert set(got) == {"42", "52", "62"} and got["52"] == scored["52"] and got["62"] == scored["62"]
+    assert prediction_path(out, "student", "sc/sst2", 52).stat().st_mtime_ns == stamp  # seed 52 not scored again
+    replicate.evaluate(cfg, student, "student", "test", 6, [42])  # more examples: every seed asked is scored
+    assert asked[-1] == "42"
 
-    def fake_cli(*args):
-        asked.append([int(s) for s in args[args.index("--seeds") + 1].split(",")])
-        done = {int(s) for s in json.loads(result_path(out, "base_student").read_text())["datasets"]["sc/sst2"]["seeds"]} \
-            if result_path(out, "base_student").is_file() else set()
-        _fake_evaluation(out, "base_student", cfg, ["sc/sst2"], sorted(done | set(asked[-1])), 0.5,
-                         np.random.default_rng(0), limit=10)
 
-    monkeypatch.setattr(replicate, "cli", fake_cli)
-    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52, 62])
-    replicate.evaluate(cfg, "m", "base_student", "test", 10, [52])  # scored: no new run
-    res = replicate.evaluate(cfg, "m", "base_student", "test", 10, [42, 52])
-    assert asked == [[52, 62], [42, 52]] and set(res["datasets"]["sc/sst2"]["seeds"]) == {"42", "52", "62"}
+def test_evaluate_scores_a_student_retrained_in_place_again(sentibench_root, tmp_path, monkeypatch):
+    "Other weights in the student's folder (same names and sizes): its seeds are scored again, nothing reused."
+    from compeffdist.pipeline import make_tiny_student
+    student, cfg = make_tiny_student(tmp_path / "student", seed=0), _tiny_eval_config(tmp_path, monkeypatch)
+    other = make_tiny_student(tmp_path / "other", seed=1)
+    asked, out = _eval_command_spy(monkeypatch), tmp_path / "results" / "evals" / "test"
+    first = replicate.evaluate(cfg, str(student), "student", "test", 4, [42])
+    shutil.copyfile(other / "model.safetensors", student / "model.safetensors")  # retrained into the same folder
+    second = replicate.evaluate(cfg, str(student), "student", "test", 4, [42])
+    assert asked == ["42", "42"] and second["identity"] != first["identity"]
+    assert second["datasets"]["sc/sst2"]["seeds"]["42"]["reused"] == 0
+    rows = read_jsonl(prediction_path(out, "student", "sc/sst2", 42))
+    assert {r["model"] for r in rows} == {second["identity"]}
 
 
 def test_device_reaches_the_training_and_the_scoring_of_each_student(tmp_path, monkeypatch):

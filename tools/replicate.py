@@ -21,8 +21,9 @@ the same machine.
 The corpus itself is built (in slices, each committed) by
 `compeffdist run --config configs/replication.yaml --until difficulty --max-minutes 60`.
 Every step is resumable: a trained student is not trained again, a killed training resumes from its newest
-checkpoint (`training.save_steps`), a finished evaluation is not run again, and an evaluation with more seeds or
-examples reuses the predictions already made.
+checkpoint (`training.save_steps`), a seed already scored with the same weights is not scored again, and an
+evaluation with more seeds or examples reuses the predictions already made. A model is known by the content of its
+weights (`compeffdist.models`): a student trained again into its folder to other weights is scored again.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from compeffdist.attributes import attributes_request
 from compeffdist.core import CompeffdistError, load_config, read_json, read_jsonl, write_json, write_jsonl
+from compeffdist.models import resolve_model
 from compeffdist.pipeline import STAGES
 from compeffdist.sampling import sample_records
 from compeffdist.sentibench import build_examples, prediction_path, resolve_datasets, result_path
@@ -118,7 +120,6 @@ def teacher_time(cfg, max_gap: float = 600.0) -> dict:
 def teacher_tokens(records: list[dict], cfg) -> list[int]:
     "Length of each response in teacher tokens (the unit of the response length cap)."
     from llama_cpp import Llama
-    from compeffdist.models import resolve_model
     vocab = Llama(resolve_model(cfg.teacher.model).location, vocab_only=True, verbose=False)
     return [len(vocab.tokenize(r["output"].encode(), add_bos=False, special=False)) for r in records]
 
@@ -183,18 +184,22 @@ def record_training(name: str, model: Path) -> None:
 
 def evaluate(cfg, model: str, name: str, split: str, limit: int, seeds: list[int], engine: str = "hf",
              datasets: list[str] | None = None) -> dict:
-    "Evaluate `model` with the config's protocol on `split` into results/replication/evals/<split> (resumable)."
+    """Evaluate `model` with the config's protocol on `split` into results/replication/evals/<split> (resumable):
+    the eval command runs for the seeds not yet scored with these weights (the result's model identity is the
+    content of the weights), and for every seed when the weights or the number of examples changed."""
     e, out = cfg.evaluation, RESULTS / "evals" / split
     names = datasets or resolve_datasets(e.datasets)
     res_path = result_path(out, name, split)
-    args = ["eval", "--model", model, "--name", name, "--out", str(out), "--split", split, "--engine", engine,
-            "--datasets", ",".join(names), "--shots", str(e.shots), "--seeds", ",".join(map(str, seeds)),
-            "--limit", str(limit), "--batch-size", str(e.batch_size or cfg.student.batch_size)]
-    args += ["--max-chars", str(e.max_chars)] if e.max_chars is not None else []
-    args += ["--device", cfg.student.device, "--dtype", cfg.student.dtype] if engine == "hf" else ["--threads", "2"]
-    done = res_path.is_file() and all(str(s) in read_json(res_path)["datasets"].get(d, {}).get("seeds", {})
-                                      for d in names for s in seeds) and read_json(res_path)["protocol"]["limit"] == limit
-    if not done:
+    res = read_json(res_path) if res_path.is_file() else {}
+    same = res.get("identity") == resolve_model(model).identity and res.get("protocol", {}).get("limit") == limit
+    todo = [s for s in seeds if not same or any(str(s) not in res["datasets"].get(d, {}).get("seeds", {})
+                                                for d in names)]
+    if todo:
+        args = ["eval", "--model", model, "--name", name, "--out", str(out), "--split", split, "--engine", engine,
+                "--datasets", ",".join(names), "--shots", str(e.shots), "--seeds", ",".join(map(str, todo)),
+                "--limit", str(limit), "--batch-size", str(e.batch_size or cfg.student.batch_size)]
+        args += ["--max-chars", str(e.max_chars)] if e.max_chars is not None else []
+        args += ["--device", cfg.student.device, "--dtype", cfg.student.dtype] if engine == "hf" else ["--threads", "2"]
         cli(*args)
     return read_json(res_path)
 
