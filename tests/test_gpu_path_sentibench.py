@@ -76,18 +76,28 @@ def test_models_are_freed_before_vllm_starts(sentibench_root, tmp_path, events, 
     assert events[-2:] == [("vllm closed", None), ("empty_cache", 0)]  # vLLM's memory is released in turn
     assert stats.counts["models"] == 2 and {"teacher_mean", "base_student_mean"} <= set(stats.info)
 
-def test_the_vllm_backend_gets_the_model_settings(monkeypatch, tmp_path):
-    "open_backend passes revision, tokenizer and every option; the backend drops the engine-only ones."
+def test_the_vllm_backend_gets_the_model_settings(monkeypatch):
+    """open_backend and VLLMBackend pass revision, tokenizer and every option on to vllm.LLM, less the engine-only
+    ones (a stand-in vllm module records the call; test_sentibench_vllm.py checks what real vLLM does with them)."""
+    import sys
+    import types
     got = {}
-    monkeypatch.setattr(sb, "VLLMBackend", lambda model, **kw: got.update(model=model, **kw))
+
+    class LLM:
+        def __init__(self, **kw): got.update(kw)
+        def get_tokenizer(self): return None
+        def get_default_sampling_params(self): return types.SimpleNamespace(repetition_penalty=None)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
     mc = ModelConfig(model="org/teacher", engine="vllm", revision="abc123", tokenizer="org/tok", dtype="bfloat16",
                      tensor_parallel_size=4, gpu_memory_utilization=0.85, context_length=16384,
-                     options={"enforce_eager": True, "max_num_seqs": 64, "load_gguf": False})
-    sb.open_backend(mc)
-    assert got["revision"] == "abc123" and got["tokenizer"] == "org/tok" and got["tensor_parallel_size"] == 4
-    assert got["enforce_eager"] is True and got["max_num_seqs"] == 64 and got["gpu_memory_utilization"] == 0.85
-    assert got["context_length"] == 16384 and got["dtype"] == "bfloat16"
-    assert set(sb._ENGINE_ONLY) >= {"load_gguf", "chunk_size"}
+                     options={"enforce_eager": True, "max_num_seqs": 64, "load_gguf": False, "chunk_size": 32,
+                              "chat_template_kwargs": {"enable_thinking": False}})
+    be = sb.open_backend(mc)
+    assert isinstance(be, sb.VLLMBackend) and be.ref.identity == "org/teacher@abc123"
+    assert got == {"model": "org/teacher", "tokenizer": "org/tok", "revision": "abc123", "dtype": "bfloat16",
+                   "max_model_len": 16384, "logprobs_mode": "raw_logits", "gpu_memory_utilization": 0.85,
+                   "tensor_parallel_size": 4, "enforce_eager": True, "max_num_seqs": 64}
 
 
 def test_gemma3_loads_text_only(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from pathlib import Path
 
 from compeffdist.core import load_config
+from compeffdist.models import resolve_model
 from compeffdist.pipeline import make_tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +40,24 @@ def test_retraining_gives_the_same_weights(tmp_path):
                "--seed", "7"]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
+        weights = sorted(out.glob("*.safetensors"))
+        assert weights and all(w.stat().st_size > 0 for w in weights), f"no weights written in {out}"
         digests.append(_weights_digest(out))
-    assert digests[0] == digests[1] != ""
+    assert digests[0] == digests[1]
+    # the same weights, the same model identity (the key of its predictions), whatever the two cards say
+    content = lambda run: resolve_model(str(tmp_path / run)).identity.split("@")[1]
+    assert content("a") == content("b")
 
 
 def test_replication_config_keeps_its_call_cache_in_the_repository():
     cfg = load_config(ROOT / "configs" / "replication.yaml")
     assert cfg.run.calls_jsonl and not Path(cfg.run.calls_jsonl).is_absolute()
-    assert cfg.run.calls_jsonl.startswith("results/replication/")
-    assert "runs/" in cfg.run.out  # the run folder itself (models, scored corpus) stays out of version control
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", cfg.run.calls_jsonl], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert tracked.returncode == 0, f"{cfg.run.calls_jsonl} is not tracked by git: {tracked.stderr.strip()}"
+    assert (ROOT / cfg.run.calls_jsonl).stat().st_size > 0
+    ignored = subprocess.run(["git", "check-ignore", "-q", cfg.run.out + "/x"], cwd=ROOT)
+    assert ignored.returncode == 0  # the run folder itself (models, scored corpus) stays out of version control
 
 
 TEACHER_STAGES = ("attributes", "clustering", "instructions", "pairing", "responses")
