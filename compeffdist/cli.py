@@ -22,6 +22,7 @@ COMMANDS = {  # name: (module, function, one-line help)
     "llama-server": ("compeffdist.llama_server", "llama_server_cli", "build or locate llama.cpp's server (parallel decoding)"),
     "models": ("compeffdist.models", "models_cli", "list bundled model aliases, or prepare one"),
     "sentibench": ("compeffdist.data", "sentibench_cli", "SentiBench: download the data, show statistics"),
+    "paper-data": ("compeffdist.data", "paper_data_cli", "the authors' published attributes and clusters: download, show"),
     "score": ("compeffdist.difficulty", "score_cli", "difficulty scores (rank, ppl, ifd, length) of a JSONL corpus"),
     "sample": ("compeffdist.sampling", "sample_cli", "difficulty-prioritised sampling of a scored corpus"),
     "train": ("compeffdist.training", "train_cli", "fine-tune the student with TRL SFTTrainer"),

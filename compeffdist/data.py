@@ -21,12 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import CompeffdistError, DataConfig, SourceConfig, StageStats
+from .core import CompeffdistError, DataConfig, SourceConfig, StageStats, atomic_write
 
 # %% auto #0
-__all__ = ['SENTIBENCH', 'SENTIBENCH_URL', 'SentiBenchDataset', 'sentibench_dataset', 'sentibench_root', 'load_sentibench',
-           'download_sentibench', 'normalise_for_match', 'clean_text', 'cut_text', 'text_id', 'sentibench_test_index',
-           'load_user_texts', 'run_texts', 'sentibench_cli']
+__all__ = ['SENTIBENCH', 'SENTIBENCH_URL', 'PAPER_DATA_URL', 'PAPER_ATTRIBUTES', 'PAPER_CLUSTERS', 'PAPER_DATA_FILES',
+           'SentiBenchDataset', 'sentibench_dataset', 'sentibench_root', 'load_sentibench', 'download_sentibench',
+           'paper_data_root', 'published_path', 'download_paper_data', 'normalise_for_match', 'clean_text', 'cut_text',
+           'text_id', 'sentibench_test_index', 'load_user_texts', 'run_texts', 'sentibench_cli', 'paper_data_cli']
 
 # %% ../nbs/03_data.ipynb #62ad75df
 @dataclass(frozen=True)
@@ -97,20 +98,25 @@ def load_sentibench(name: str, split: str = "test", root: str | os.PathLike | No
 SENTIBENCH_URL = "https://github.com/HITSZ-HLT/Sentiment-Distillation/archive/2810fc2.zip"
 
 
+def _fetch_zip(url: str, what: str) -> zipfile.ZipFile:
+    "The zip archive at `url` (https or file), read into memory; one line of error when it cannot be had."
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            blob = r.read()
+    except OSError as e:
+        raise CompeffdistError(f"cannot download {what} from {url}: {e}") from None
+    try:
+        return zipfile.ZipFile(io.BytesIO(blob))
+    except zipfile.BadZipFile:
+        raise CompeffdistError(f"{url} is not a zip archive") from None
+
+
 def download_sentibench(dest: str | os.PathLike, url: str = SENTIBENCH_URL) -> Path:
     "Download the repository archive at `url` and extract its `datasets/` folder to `dest`."
     dest = Path(dest)
     if (dest / "sc").is_dir():
         return dest
-    try:
-        with urllib.request.urlopen(url, timeout=120) as r:
-            blob = r.read()
-    except OSError as e:
-        raise CompeffdistError(f"cannot download SentiBench from {url}: {e}") from None
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile:
-        raise CompeffdistError(f"{url} is not a zip archive") from None
+    zf = _fetch_zip(url, "SentiBench")
     members = [m for m in zf.namelist() if "/datasets/" in m and not m.endswith("/")]
     if not members:
         raise CompeffdistError(f"{url}: the archive has no datasets/ folder")
@@ -121,6 +127,50 @@ def download_sentibench(dest: str | os.PathLike, url: str = SENTIBENCH_URL) -> P
         (tmp / rel).write_bytes(zf.read(m))
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(tmp), dest)
+    return dest
+
+# %% ../nbs/03_data.ipynb #debd2e4a
+PAPER_DATA_URL = "https://github.com/HITSZ-HLT/COMPEFFDIST/archive/cbd6891160fbdd580c6e1e944b1adfc422b6759b.zip"
+PAPER_ATTRIBUTES = "clustering/data/attr_list.json"
+PAPER_CLUSTERS = "clustering/data/clustering/affinity_propagation_clusters_p=0.5.json"
+PAPER_DATA_FILES = (PAPER_ATTRIBUTES, PAPER_CLUSTERS, "clustering/data/clusters.json")
+
+
+def paper_data_root(path: str | os.PathLike | None = None) -> Path:
+    "The folder of the authors' published files: `path`, else `$COMPEFFDIST_PAPER_DATA`; a clear error if unset."
+    path = path or os.environ.get("COMPEFFDIST_PAPER_DATA")
+    if not path:
+        raise CompeffdistError("the authors' published files are not set: set data.paper_data or COMPEFFDIST_PAPER_DATA "
+                               "(get them with: compeffdist paper-data download --to DIR)")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CompeffdistError(f"paper-data folder not found: {root}")
+    return root
+
+# %% ../nbs/03_data.ipynb #2a6c3942
+def published_path(name: str, root: str | os.PathLike | None = None) -> Path:
+    "A published file: `name` itself when absolute, else `name` under `paper_data_root(root)`; it must exist."
+    p = Path(name).expanduser()
+    if not p.is_absolute():
+        p = paper_data_root(root) / p
+    if not p.is_file():
+        raise CompeffdistError(f"published file not found: {p}")
+    return p
+
+# %% ../nbs/03_data.ipynb #ab0b1558
+def download_paper_data(dest: str | os.PathLike, url: str = PAPER_DATA_URL) -> Path:
+    "Download the authors' repository archive at `url` and extract `PAPER_DATA_FILES` into `dest` (repository paths)."
+    dest = Path(dest)
+    if all((dest / f).is_file() for f in PAPER_DATA_FILES):
+        return dest
+    zf = _fetch_zip(url, "the authors' published files")
+    by_path = {m.split("/", 1)[1]: m for m in zf.namelist() if "/" in m}
+    missing = [f for f in PAPER_DATA_FILES if f not in by_path]
+    if missing:
+        raise CompeffdistError(f"{url}: the archive has no {', '.join(missing)}")
+    for f in PAPER_DATA_FILES:
+        with atomic_write(dest / f, "wb") as out:
+            out.write(zf.read(by_path[f]))
     return dest
 
 # %% ../nbs/03_data.ipynb #918308ee
@@ -277,4 +327,28 @@ def sentibench_cli(argv: list[str] | None = None) -> int:
             p = root / name / f"{split}.json"
             sizes.append(f"{split}={len(load_sentibench(name, split, root)) if p.is_file() else '-'}")
         print(f"{name:<22} {ds.family}  {' '.join(sizes)}")
+    return 0
+
+# %% ../nbs/03_data.ipynb #c510d961
+def paper_data_cli(argv: list[str] | None = None) -> int:
+    "compeffdist paper-data {download,show}"
+    import argparse
+    ap = argparse.ArgumentParser(prog="compeffdist paper-data",
+                                 description="The authors' published attribute list and clusters.")
+    sub = ap.add_subparsers(dest="action", required=True)
+    d = sub.add_parser("download", help="download them (needs internet)")
+    d.add_argument("--to", required=True, help="destination folder")
+    d.add_argument("--url", default=PAPER_DATA_URL, help="repository archive (zip) to extract them from")
+    s = sub.add_parser("show", help="the files of the folder in use")
+    s.add_argument("--paper-data", help="the folder (default: $COMPEFFDIST_PAPER_DATA)")
+    a = ap.parse_args(argv)
+    if a.action == "download":
+        dest = download_paper_data(a.to, a.url)
+        print(f"the published files are in {dest}; export COMPEFFDIST_PAPER_DATA={dest}")
+        return 0
+    from compeffdist.core import read_json
+    root = paper_data_root(a.paper_data)
+    for f in PAPER_DATA_FILES:
+        p = root / f
+        print(f"{f:<70} {len(read_json(p)):>5} items" if p.is_file() else f"{f:<70} missing")
     return 0
