@@ -85,6 +85,8 @@ def test_summary_of_made_up_predictions(sentibench_root, tmp_path, monkeypatch):
     _fake_evaluation(out, "base_student", cfg, ["sc/sst2", "sc/twitter"], [42, 52], 0.5, rng)
     _fake_evaluation(out, "full", cfg, ["sc/sst2", "sc/twitter"], [42, 52], 0.9, rng)
     _fake_evaluation(out, "teacher", cfg, ["sc/sst2", "sc/twitter"], [42], 0.95, rng)  # one seed: bootstrapped apart
+    shutil.copytree(out / "predictions" / "full", out / "predictions" / "full_300")  # the same answers as `full`
+    (out / "full_300.json").write_text((out / "full.json").read_text().replace('"name": "full"', '"name": "full_300"'))
     replicate.summarise(cfg)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["protocol"]["limit"] == 40
@@ -97,8 +99,11 @@ def test_summary_of_made_up_predictions(sentibench_root, tmp_path, monkeypatch):
     diff = saved["differences"]["full - base_student"]
     assert diff["seeds"] == [42, 52] and saved["differences"]["teacher - full"]["seeds"] == [42]
     assert diff["ci95"][0] > 0  # 0.9 right against 0.5 right: beyond the noise
+    # paired: two models with the same answers differ by exactly 0 on every resample
+    assert saved["differences"]["full - full_300"] == {"mean": 0.0, "ci95": [0.0, 0.0], "seeds": [42, 52]}
     shares = saved["label_shares"]
-    assert set(shares["gold"]) == {"sc/sst2", "sc/twitter"} and set(shares["models"]) == {"base_student", "full", "teacher"}
+    assert set(shares["gold"]) == {"sc/sst2", "sc/twitter"}
+    assert set(shares["models"]) == {"base_student", "full", "full_300", "teacher"}
     assert all(sum(v.values()) == pytest.approx(1, abs=1e-3) for v in shares["gold"].values())
     # a model right on 95% of the examples predicts each label about as often as it is gold
     for label, g in shares["gold"]["sc/twitter"].items():

@@ -323,30 +323,35 @@ def gold_labels(cfg, dataset: str, seed: int, split: str = "test") -> list[str]:
                                            split=split)]
 
 
-def draw_means(cfg, models: list[str], cells: dict, seeds: list[int], reps: int = 2000, seed: int = 0,
-               split: str = "test") -> dict:
-    """Each model's mean macro-F1 (x100) over the datasets and `seeds`: on the split's examples as they are (index 0)
-    and on `reps` bootstrap resamples of them (the same resample of a dataset for every model and seed)."""
-    rng = np.random.default_rng(seed)
+def bootstrap_mean(cfg, weights: dict[str, float], cells: dict, seeds: list[int], reps: int = 2000, seed: int = 0,
+                   split: str = "test") -> tuple[float, list[float]]:
+    """A weighted sum of models' mean macro-F1 (x100) over the datasets and `seeds` (`{m: 1}`: one model's mean,
+    `{a: 1, b: -1}`: a paired difference) on the split's examples, and its 95% percentile interval from
+    `scipy.stats.bootstrap` over `reps` resamples: one sample of example indices per dataset, each resampled on its
+    own, and the statistic scores every model and seed on the same resample of a dataset (paired)."""
+    from scipy.stats import bootstrap
     datasets = resolve_datasets(cfg.evaluation.datasets)
-    means = {m: np.zeros(reps + 1) for m in models}
+    coded = []  # per dataset, per seed: gold labels, each model's predictions (label indices), number of labels
     for d in datasets:
-        n = len(gold_labels(cfg, d, seeds[0], split))
-        draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(reps)]
+        coded.append([])
         for s in seeds:
-            gold = gold_labels(cfg, d, s, split)
-            preds = {m: cells[m][(d, s)] for m in models}
+            gold, preds = gold_labels(cfg, d, s, split), {m: cells[m][(d, s)] for m in weights}
             labels = {l: i for i, l in enumerate(sorted(set(gold).union(*map(set, preds.values()))))}
-            g = np.array([labels[x] for x in gold])
-            for m, p in preds.items():
-                p = np.array([labels[x] for x in p])
-                means[m] += [100 * macro_f1(g[i], p[i], len(labels)) / (len(datasets) * len(seeds)) for i in draws]
-    return means
+            coded[-1].append((np.array([labels[x] for x in gold]),
+                              {m: np.array([labels[x] for x in p]) for m, p in preds.items()}, len(labels)))
 
+    def statistic(*samples) -> float:
+        means = dict.fromkeys(weights, 0.0)
+        for per_seed, i in zip(coded, samples):
+            for gold, preds, n_labels in per_seed:
+                for m in weights:
+                    means[m] += 100 * macro_f1(gold[i], preds[m][i], n_labels) / (len(datasets) * len(seeds))
+        return sum(w * means[m] for m, w in weights.items())
 
-def interval(x: np.ndarray) -> list[float]:
-    "The 95% percentile interval of the bootstrap draws (index 0, the observed value, left out)."
-    return [round(float(v), 2) for v in np.percentile(x[1:], [2.5, 97.5])]
+    data = [np.arange(len(per_seed[0][0])) for per_seed in coded]
+    ci = bootstrap(data, statistic, n_resamples=reps, vectorized=False, paired=False, method="percentile",
+                   rng=seed).confidence_interval
+    return statistic(*data), [round(float(ci.low), 2), round(float(ci.high), 2)]
 
 
 def summarise(cfg, split: str = "test") -> dict:
@@ -362,8 +367,8 @@ def summarise(cfg, split: str = "test") -> dict:
         seeds = sorted({s for (_, s) in got if all((d, s) in got for d in datasets)})
         if not seeds:
             continue
-        draws = draw_means(cfg, [m], cells, seeds, split=split)[m]
-        models[m] = {"mean": round(float(draws[0]), 2), "ci95": interval(draws), "seeds": seeds,
+        mean, ci95 = bootstrap_mean(cfg, {m: 1}, cells, seeds, split=split)
+        models[m] = {"mean": round(float(mean), 2), "ci95": ci95, "seeds": seeds,
                      "n_samples": trainings.get(m, {}).get("samples"),
                      "per_seed": {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)], split), 2)
                                            for d in datasets} for s in seeds}}
@@ -371,9 +376,8 @@ def summarise(cfg, split: str = "test") -> dict:
     for a, b in pairs:
         common = sorted(set(models.get(a, {}).get("seeds", [])) & set(models.get(b, {}).get("seeds", [])))
         if common:
-            dm = draw_means(cfg, [a, b], cells, common, split=split)
-            diff = dm[a] - dm[b]
-            diffs[f"{a} - {b}"] = {"mean": round(float(diff[0]), 2), "ci95": interval(diff), "seeds": common}
+            mean, ci95 = bootstrap_mean(cfg, {a: 1, b: -1}, cells, common, split=split)
+            diffs[f"{a} - {b}"] = {"mean": round(float(mean), 2), "ci95": ci95, "seeds": common}
     summary = {"protocol": {**protocol(cfg, split), "shots": e.shots, "max_chars": e.max_chars, "datasets": datasets},
                "models": models, "differences": diffs}
     if split == "test":
