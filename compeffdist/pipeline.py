@@ -72,7 +72,7 @@ STAGES = [
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
-# %% ../nbs/19_pipeline.ipynb #3a629988
+# %% ../nbs/19_pipeline.ipynb #10ed46b2
 ALIASES = {"warm-up": "warmup", "warm_up": "warmup", "eval": "evaluation", "sentibench": "evaluation",
            "train": "training", "score": "difficulty", "sample": "sampling"}
 
@@ -85,7 +85,7 @@ def get_stage(name: str) -> Stage:
             return s
     raise CompeffdistError(f"unknown stage '{name}'; the stages are: {', '.join(STAGE_NAMES)}")
 
-
+# %% ../nbs/19_pipeline.ipynb #215310cd
 def stage_function(stage: Stage) -> Callable:
     "Import and return `run_<stage>`; a one-line error when its module is missing or does not define it."
     if importlib.util.find_spec(stage.module) is None:
@@ -198,7 +198,7 @@ def format_plan(steps: list[Step]) -> str:
     "The plan as aligned lines: stage, action, reason."
     return "\n".join(f"  {i:>2}. {s.name:<13} {s.action:<5} {s.reason}" for i, s in enumerate(steps, 1))
 
-# %% ../nbs/19_pipeline.ipynb #652acc32
+# %% ../nbs/19_pipeline.ipynb #4347489a
 def _teacher(ctx: RunContext) -> CachedEngine | None:
     "The run's teacher if it has been opened (without opening it)."
     t = getattr(ctx, "_teacher", None)
@@ -213,7 +213,7 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
             h.update(b)
     return h.hexdigest()[:16]
 
-
+# %% ../nbs/19_pipeline.ipynb #2e8b9e2b
 def stage_outputs(folder: Path) -> dict[str, dict]:
     "The files a stage wrote (manifest and temp files left out): `{relative path: {bytes, sha256}}`."
     out = {}
