@@ -55,7 +55,7 @@ def analysis_request(cluster: dict, cfg: InstructionsConfig) -> list[dict]:
     return [{"role": "user", "content": fill(ANALYSIS_PROMPT, names=names, explanations=expl,
                                              n=cfg.analysis_per_cluster)}]
 
-# %% ../nbs/12_instructions.ipynb #825f245b
+# %% ../nbs/12_instructions.ipynb #62f3ef28
 _ITEM = re.compile(r"(?m)^[ \t]*(?:[-*•][ \t]*)?(?:\*\*)?(\d{1,3})[.)](?:\*\*)?[ \t]+")
 _BOLD_TITLE = re.compile(r"^\*\*([^*\n]{1,150}?)(?::\*\*|\*\*:)\s*")  # **Title:** or **Title**:
 _TITLE = re.compile(r"^((?:[A-Z][\w'’&/-]*\s*){1,5}):\s+")  # Title Case Words:
@@ -65,6 +65,7 @@ _BULLET = re.compile(r"^[ \t]*[-*•][ \t]+")
 
 
 def _clean_item(s: str) -> str:
+    "An item as a prompt: spaces collapsed; a title prefix, markdown and enclosing quotes removed."
     s = " ".join(s.split())
     m = _BOLD_TITLE.match(s)
     if m and len(s[m.end():].split()) >= 3: s = s[m.end():]
@@ -74,12 +75,13 @@ def _clean_item(s: str) -> str:
     if len(s) >= 2 and s[0] in "\"“'" and s[-1] in "\"”'": s = s[1:-1].strip()
     return s
 
-
+# %% ../nbs/12_instructions.ipynb #9052a6b4
 def _is_title(line: str) -> bool:
+    "A short line ending with a colon: a title over bullets."
     t = line.replace("*", "").strip()
     return t.endswith(":") and len(t.split()) <= 6
 
-
+# %% ../nbs/12_instructions.ipynb #96f49a6f
 def _item_prompts(chunk: str) -> list[str]:
     "The prompt(s) of one numbered item: the item without its explanation, or its bullets under a title line."
     m = _EXPLAIN.search(chunk)
@@ -91,7 +93,7 @@ def _item_prompts(chunk: str) -> list[str]:
         return [_clean_item(_BULLET.sub("", b)) for b in bullets]
     return [_clean_item(" ".join(_BULLET.sub("", l) for l in lines))]
 
-
+# %% ../nbs/12_instructions.ipynb #afde5f46
 def parse_numbered_list(text, min_words: int = 4) -> tuple[list[str], Counter]:
     "The items of a numbered list answer, and drops by reason (`no_list`, `too_short`, `duplicate`)."
     drops = Counter()
