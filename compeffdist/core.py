@@ -269,6 +269,8 @@ class EvaluationConfig(Section):
     fixed: bool = False  # correct the reference's quirks
     models: list[Literal["base_student", "student", "teacher"]] = ["base_student", "student", "teacher"]
     batch_size: int | None = Field(None, ge=1)  # None: each model's own (student.batch_size, teacher.batch_size)
+    # label spaces the corpus coverage is measured against ({name: [labels]}); None: the evaluated datasets' labels
+    coverage_labels: dict[str, list[str]] | None = None
 
 # %% ../nbs/00_core.ipynb #d268b564
 class Config(Section):
