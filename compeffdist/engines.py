@@ -29,8 +29,9 @@ from .core import CompeffdistError, ModelConfig, DecodingConfig, stable_hash
 from .models import ModelRef, hf_model_path, load_causal_lm, pick_device, resolve_model
 
 # %% auto #0
-__all__ = ['Messages', 'ENGINES', 'SamplingParams', 'Constraint', 'Generation', 'per_request', 'request_seed', 'Engine',
-           'FakeEngine', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
+__all__ = ['Messages', 'LOOP_COPIES', 'LOOP_MIN_TOKENS', 'LOOP_MAX_PERIOD', 'LOOP_CHECK_EVERY', 'ENGINES', 'SamplingParams',
+           'Constraint', 'Generation', 'per_request', 'request_seed', 'loop_end', 'loop_finish', 'Engine', 'FakeEngine',
+           'key_params', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
            'schema_for_choice', 'json_ok', 'template_kwargs', 'strip_thinking', 'HFEngine', 'LlamaCppEngine',
            'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'shutdown_vllm', 'make_engine', 'open_engine',
            'CachedEmbedder', 'RunContext', 'read_prompt_rows', 'row_messages', 'generate_cli']
@@ -41,13 +42,15 @@ Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": s
 
 @dataclass(frozen=True)
 class SamplingParams:
-    "How to sample: `temperature` 0 is greedy; `n` completions per conversation; `stop` strings end a completion."
+    """How to sample: `temperature` 0 is greedy; `n` completions per conversation; `stop` strings end a completion;
+    `stop_loops` ends a completion that is plainly looping (`loop_end`), with finish reason `loop`."""
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int = 0
     n: int = 1
     stop: tuple[str, ...] = ()
+    stop_loops: bool = True
 
     @classmethod
     def from_config(cls, d: DecodingConfig, **overrides) -> "SamplingParams":
@@ -75,15 +78,20 @@ class Constraint:
 
 @dataclass
 class Generation:
-    "One completion."
+    """One completion. `prompt_evaluated` and `prompt_reused` (not stored in the cache) split `prompt_tokens` into
+    the tokens the engine computed and those it took from a slot's KV cache, where the engine says (None: unknown)."""
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # stop | length | error
+    finish_reason: str = "stop"  # stop | length | loop | error
     cached: bool = False
+    prompt_evaluated: int | None = None
+    prompt_reused: int | None = None
 
     def to_dict(self) -> dict:
-        d = asdict(self); d.pop("cached"); return d
+        d = asdict(self)
+        for k in ("cached", "prompt_evaluated", "prompt_reused"): d.pop(k)
+        return d
 
 # %% ../nbs/01_engines.ipynb #4db6ca2b
 def per_request(batch: Sequence[Messages], params, constraint=None) -> list[tuple[SamplingParams, Constraint | None]]:
@@ -100,6 +108,50 @@ def per_request(batch: Sequence[Messages], params, constraint=None) -> list[tupl
 def request_seed(params: SamplingParams, messages: Messages, r: int = 0) -> int:
     "A reproducible 31-bit seed for the `r`-th sample of one conversation."
     return int(stable_hash([params.seed, list(messages), r], n=8), 16) % 2**31
+
+# %% ../nbs/01_engines.ipynb #ee9b0d02
+LOOP_COPIES = 5  # a unit repeated this many times in a row is a loop...
+LOOP_MIN_TOKENS = 30  # ...once the run covers at least this many words and marks
+LOOP_MAX_PERIOD = 200  # units of up to this many words and marks
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _units(text: str) -> tuple[np.ndarray, list[int]]:
+    "The words and marks of `text` as ids (lower case; a list number at a line start is `#`), and where each ends."
+    ms = list(_WORD.finditer(text))
+    vocab: dict[str, int] = {}
+    ids = []
+    for k, m in enumerate(ms):
+        w = m.group().lower()
+        if (w.isdigit() and k + 1 < len(ms) and ms[k + 1].group() in ".)"
+                and (k == 0 or "\n" in text[ms[k - 1].end():m.start()])):
+            w = "#"
+        ids.append(vocab.setdefault(w, len(vocab)))
+    return np.array(ids, dtype=np.int64), [m.end() for m in ms]
+
+
+def loop_end(text: str, copies: int = LOOP_COPIES, min_tokens: int = LOOP_MIN_TOKENS,
+             max_period: int = LOOP_MAX_PERIOD) -> int | None:
+    "Where in `text` a unit of words and marks has first appeared `copies` times in a row (None: nowhere)."
+    ids, ends = _units(text)
+    n, best = len(ids), None
+    for p in range(1, min(max_period, n // copies) + 1):
+        if best is not None and p * copies > best: break  # a longer unit cannot complete its copies sooner
+        need = max((copies - 1) * p, min_tokens - p)  # tokens in a row equal to the one p before
+        if p + need > n: continue
+        same = np.concatenate(([0], np.cumsum(ids[p:] == ids[:-p])))
+        full = np.flatnonzero(same[need:] - same[:-need] == need)
+        if full.size:
+            last = int(full[0]) + need - 1 + p  # the token that completes the run
+            best = last if best is None else min(best, last)
+    return None if best is None else ends[best]
+
+
+def loop_finish(text: str, finish_reason: str, params: SamplingParams) -> str:
+    "The finish reason of a completion: `loop` when `params.stop_loops` and `text` loops, else `finish_reason`."
+    if params.stop_loops and finish_reason in ("stop", "length") and loop_end(text) is not None:
+        return "loop"
+    return finish_reason
 
 # %% ../nbs/01_engines.ipynb #831caa2a
 class Engine:
@@ -170,9 +222,16 @@ class FakeEngine(Engine):
             yield i, gens
 
 # %% ../nbs/01_engines.ipynb #8c2d793b
+def key_params(params: SamplingParams) -> dict:
+    "The sampling parameters as the cache key and the stored request see them: `stop_loops` only when off."
+    d = asdict(params)
+    if d["stop_loops"]: del d["stop_loops"]
+    return d
+
+
 def request_key(identity: str, messages: Messages, params: SamplingParams, constraint: Constraint | None) -> str:
     "Cache key of one request."
-    return stable_hash({"model": identity, "messages": messages, "params": asdict(params),
+    return stable_hash({"model": identity, "messages": messages, "params": key_params(params),
                         "constraint": constraint.to_dict() if constraint else None}, n=64)
 
 
@@ -300,13 +359,18 @@ class TeacherBudget:
 # %% ../nbs/01_engines.ipynb #2bd7dcf5
 @dataclass
 class CallStats:
-    "What a `CachedEngine` did: cache hits and misses, tokens generated, seconds spent generating."
+    """What a `CachedEngine` did: cache hits and misses, tokens, seconds spent generating, completions stopped in a
+    loop (`loops`), and of the new calls' prompt tokens those the engine evaluated and those it reused from a slot's
+    KV cache (`prompt_evaluated`, `prompt_reused`: counted where the engine reports them)."""
     hits: int = 0
     misses: int = 0
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    loops: int = 0
+    prompt_evaluated: int = 0
+    prompt_reused: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -350,13 +414,16 @@ class CachedEngine(Engine):
 def _store(self: CachedEngine, key: str, messages, params, constraint, gens: list[Generation], copies: int):
     if all(g.finish_reason != "error" for g in gens):
         if self.cache is not None:
-            self.cache.put(key, self.identity, {"messages": list(messages), "params": asdict(params),
+            self.cache.put(key, self.identity, {"messages": list(messages), "params": key_params(params),
                                                 "constraint": constraint.to_dict() if constraint else None}, gens)
         self.stats.misses += copies
     else:
         self.stats.errors += copies
     self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens[:1])
     self.stats.completion_tokens += sum(g.completion_tokens for g in gens)
+    self.stats.loops += sum(g.finish_reason == "loop" for g in gens)
+    self.stats.prompt_evaluated += sum(g.prompt_evaluated or 0 for g in gens)
+    self.stats.prompt_reused += sum(g.prompt_reused or 0 for g in gens)
     if self.budget is not None:
         self.budget.calls += 1
 
@@ -498,9 +565,31 @@ def _choose_chunk(self: HFEngine, chunk: list[str], params: SamplingParams, cons
         yield j, [Generation(best, n_prompt, n_new) for _ in range(params.n)]
 
 # %% ../nbs/01_engines.ipynb #4f8f35b4
+def _loop_criterion(tokenizer, start: int, every: int = 8):
+    "A transformers stopping criterion that ends each sequence whose new tokens (after `start`) loop; `.stopped` says where."
+    import torch
+    from transformers import StoppingCriteria
+
+    class LoopStop(StoppingCriteria):
+        stopped: dict[int, int] = {}  # row -> new tokens when it was stopped
+
+        def __call__(self, input_ids, scores, **kw):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            n = input_ids.shape[1] - start
+            if n == 0 or n % every: return done
+            for r in range(input_ids.shape[0]):
+                if r not in self.stopped and loop_end(tokenizer.decode(input_ids[r, start:], skip_special_tokens=True)) is not None:
+                    self.stopped[r], done[r] = n, True
+            return done
+
+    crit = LoopStop(); crit.stopped = {}
+    return crit
+
+
 @patch
 def _generate_chunk(self: HFEngine, chunk: list[str], params: SamplingParams, constraint: Constraint | None):
     import torch
+    from transformers import StoppingCriteriaList
     eos, sample = self.eos_ids, params.temperature > 0
     reps = params.n if sample else 1
     enc = self._encode(chunk)
@@ -512,26 +601,36 @@ def _generate_chunk(self: HFEngine, chunk: list[str], params: SamplingParams, co
         kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
     if constraint is not None and (proc := self._json_processor(constraint.json_schema)) is not None:
         kw.update(logits_processor=[proc])
+    loops = _loop_criterion(self.tokenizer, enc["input_ids"].shape[1]) if params.stop_loops else None
+    if loops is not None:
+        kw.update(stopping_criteria=StoppingCriteriaList([loops]))
     torch.manual_seed(params.seed)
     with torch.no_grad():
         out = self.model.generate(**enc, **kw)
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     n_prompt = enc["attention_mask"].sum(1).tolist()
     for j in range(len(chunk)):
-        yield j, [self._completion(new[j * reps + (r if sample else 0)], n_prompt[j], params.stop, eos)
-                  for r in range(params.n)]
+        rows = [j * reps + (r if sample else 0) for r in range(params.n)]
+        yield j, [self._completion(new[k], n_prompt[j], params, eos, loops.stopped.get(k) if loops else None)
+                  for k in rows]
 
 
 @patch
-def _completion(self: HFEngine, ids: list[int], n_prompt: int, stop: Sequence[str], eos: list[int]) -> Generation:
+def _completion(self: HFEngine, ids: list[int], n_prompt: int, params: SamplingParams, eos: list[int],
+                cut: int | None = None) -> Generation:
+    "One completion from its new tokens: up to the first end-of-turn token, stop string or loop stop (`cut`)."
     end = next((k for k, t in enumerate(ids) if t in eos), None)
-    finished = end is not None
-    ids = ids[:end] if finished else ids
+    if cut is not None and (end is None or cut < end):
+        end, finished = cut, False
+    else:
+        finished = end is not None
+    ids = ids[:end] if end is not None else ids
     text = self.answer_text(self.tokenizer.decode(ids, skip_special_tokens=True))
-    hit = [text.index(x) for x in stop if x in text]
+    hit = [text.index(x) for x in params.stop if x in text]
     if hit:
         text, finished = text[:min(hit)], True
-    return Generation(text, n_prompt, len(ids), "stop" if finished else "length")
+    return Generation(text, n_prompt, len(ids), loop_finish(text, "stop" if finished else "length", params),
+                      prompt_evaluated=n_prompt, prompt_reused=0)
 
 # %% ../nbs/01_engines.ipynb #39705bf5
 @patch
@@ -658,8 +757,9 @@ class LlamaCppEngine(Engine):
             print(f"llamacpp: request {i}: {e}", file=sys.stderr)
             return Generation("", 0, 0, "error")
         ch, use = out["choices"][0], out["usage"]
-        return Generation(self.answer_text(ch["message"]["content"] or ""), use["prompt_tokens"],
-                          use["completion_tokens"], "length" if ch["finish_reason"] == "length" else "stop")
+        text = self.answer_text(ch["message"]["content"] or "")
+        return Generation(text, use["prompt_tokens"], use["completion_tokens"],
+                          loop_finish(text, "length" if ch["finish_reason"] == "length" else "stop", p))
 
     def close(self):
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -682,7 +782,7 @@ class OpenAIEngine(Engine):
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  served_model_name: str | None = None, max_concurrency: int = 8, timeout_s: float = 600,
                  max_retries: int = 6, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 schema_style: str = "auto", chat_template_kwargs: dict | None = None):
+                 schema_style: str = "auto", chat_template_kwargs: dict | None = None, stream_loops: bool = False):
         import httpx
         if schema_style not in ("auto", "json_schema", "json_object"):
             raise CompeffdistError(f"schema_style must be auto, json_schema or json_object, got '{schema_style}'")
@@ -694,6 +794,7 @@ class OpenAIEngine(Engine):
                                    limits=httpx.Limits(max_connections=max_concurrency))
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.backoff_s, self.max_backoff_s, self.schema_style = backoff_s, max_backoff_s, schema_style
+        self.stream_loops = stream_loops
         # servers that render chat templates (vLLM, llama.cpp) take template variables; OpenAI's own API does not
         hosted = "api.openai.com" in self.base_url
         self.template_kwargs = chat_template_kwargs if hosted else template_kwargs(chat_template_kwargs)
@@ -713,6 +814,8 @@ class OpenAIEngine(Engine):
         if constraint is not None:
             schema = constraint.json_schema if constraint.json_schema is not None else schema_for_choice(constraint.choice)
             body["response_format"] = self._response_format(schema)
+        if params.stop_loops and self.stream_loops:
+            body.update(stream=True, stream_options={"include_usage": True})
         return body
 
 # %% ../nbs/01_engines.ipynb #4e5fae17
@@ -725,42 +828,98 @@ def _wait(self: OpenAIEngine, attempt: int, resp=None) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random())
 
 
+class _Retry(RuntimeError):
+    "One attempt failed in a way worth retrying: `(problem, response or None)`."
+
+
+@patch
+def _restyle(self: OpenAIEngine, body: dict) -> dict:
+    "The body with its JSON schema in the style the server takes (after `auto` switched to `json_object`)."
+    rf = body.get("response_format") or {}
+    if self.schema_style == "json_object" and rf.get("type") == "json_schema":
+        return {**body, "response_format": self._response_format(rf["json_schema"]["schema"])}
+    return body
+
+
+@patch
+def _attempt(self: OpenAIEngine, body: dict) -> dict:
+    "Send `body` once: the completion, or `_Retry`, `_RequestFailed`, `CompeffdistError` (fatal)."
+    import httpx
+    try:
+        with self.client.stream("POST", f"{self.base_url}/chat/completions", json=body) as resp:
+            if resp.status_code == 200:
+                return self._read_stream(resp) if body.get("stream") else self._read_json(resp)
+            resp.read()
+    except (httpx.TimeoutException, httpx.TransportError) as e:
+        raise _Retry(type(e).__name__, None) from None
+    if (self.schema_style != "json_schema" and (body.get("response_format") or {}).get("type") == "json_schema"
+            and "response_format" in resp.text):
+        self.schema_style = "json_object"  # auto: the server (llama.cpp's) wants its own schema format
+        return self._attempt(self._restyle(body))
+    if resp.status_code in self.FATAL_STATUS:
+        raise CompeffdistError(f"server {self.base_url} answered {resp.status_code} for model "
+                               f"'{self.model}': {resp.text[:200]}")
+    if resp.status_code not in self.RETRY_STATUS:
+        raise _RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
+    raise _Retry(f"HTTP {resp.status_code}", resp)
+
+
+@patch
+def _read_json(self: OpenAIEngine, resp) -> dict:
+    try:
+        out = json.loads(resp.read())
+        out["choices"][0]["message"]
+        return out
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Retry("malformed response", resp) from None
+
+
 @patch
 def _post(self: OpenAIEngine, body) -> dict:
-    import httpx
     attempt = 0
     while True:
-        resp = None
         try:
-            resp = self.client.post(f"{self.base_url}/chat/completions", json=body)
-        except (httpx.TimeoutException, httpx.TransportError) as e:
-            problem = type(e).__name__
-        else:
-            if resp.status_code == 200:
-                try:
-                    out = resp.json()
-                    out["choices"][0]["message"]
-                    return out
-                except (ValueError, KeyError, IndexError, TypeError):
-                    problem = "malformed response"
-            elif (self.schema_style != "json_schema" and body.get("response_format", {}).get("type") == "json_schema"
-                  and "response_format" in resp.text):
-                self.schema_style = "json_object"  # auto: the server (llama.cpp's) wants its own schema format
-                body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
-                continue
-            elif resp.status_code in self.FATAL_STATUS:
-                raise CompeffdistError(f"server {self.base_url} answered {resp.status_code} for model "
-                                       f"'{self.model}': {resp.text[:200]}")
-            elif resp.status_code not in self.RETRY_STATUS:
-                raise _RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            else:
-                problem = f"HTTP {resp.status_code}"
+            return self._attempt(self._restyle(body))
+        except _Retry as e:
+            problem, resp = e.args
         if attempt == self.max_retries:
             raise _RequestFailed(f"giving up after {attempt + 1} attempts (last: {problem})")
         with self._lock:
             self.retries[problem] += 1
         time.sleep(self._wait(attempt, resp))
         attempt += 1
+
+# %% ../nbs/01_engines.ipynb #2e5e91d4
+LOOP_CHECK_EVERY = 4  # streamed pieces between two loop checks
+
+
+@patch
+def _read_stream(self: OpenAIEngine, resp) -> dict:
+    "A streamed completion as one completion dict; finish reason `loop` (connection closed) once the text loops."
+    parts, pieces, finish, usage, timings = [], 0, None, None, {}
+    for line in resp.iter_lines():
+        if not line.startswith("data:"): continue
+        data = line[5:].strip()
+        if data == "[DONE]": break
+        try:
+            chunk = json.loads(data)
+            usage, timings = chunk.get("usage") or usage, chunk.get("timings") or timings
+            for ch in chunk.get("choices") or []:
+                parts.append((ch.get("delta") or {}).get("content") or "")
+                finish = ch.get("finish_reason") or finish
+        except (ValueError, AttributeError, TypeError):
+            raise _Retry("malformed response", resp) from None
+        pieces += 1
+        if finish is None and pieces % LOOP_CHECK_EVERY == 0 and loop_end("".join(parts)) is not None:
+            finish = "loop"
+            break  # leaving the `with` closes the connection: the server cancels the request
+    if finish is None:
+        raise _Retry("stream ended early", resp)
+    if usage is None or finish == "loop":
+        usage = {"prompt_tokens": timings.get("prompt_n", 0) + timings.get("cache_n", 0),
+                 "completion_tokens": timings.get("predicted_n", pieces)}
+    return {"choices": [{"message": {"content": "".join(parts)}, "finish_reason": finish}], "usage": usage,
+            "timings": timings}
 
 # %% ../nbs/01_engines.ipynb #8261be88
 @patch
@@ -772,13 +931,15 @@ def _one(self: OpenAIEngine, messages, params, constraint) -> list[Generation]:
         except _RequestFailed as e:
             print(f"openai: {self.base_url}: {e}", file=sys.stderr)
             gens.append(Generation("", 0, 0, "error")); continue
-        ch, use = out["choices"][0], out.get("usage") or {}
+        ch, use, t = out["choices"][0], out.get("usage") or {}, out.get("timings") or {}
         text = self.answer_text(ch["message"].get("content") or "")
         if constraint is not None and constraint.choice is not None:
-            try: text = json.loads(text)
+            try: text = str(json.loads(text))
             except json.JSONDecodeError: pass
-        gens.append(Generation(str(text), use.get("prompt_tokens", 0), use.get("completion_tokens", 0),
-                               "length" if ch.get("finish_reason") == "length" else "stop"))
+        finish = ch.get("finish_reason") if ch.get("finish_reason") in ("length", "loop") else "stop"
+        gens.append(Generation(text, use.get("prompt_tokens", 0), use.get("completion_tokens", 0),
+                               loop_finish(text, finish, params), prompt_evaluated=t.get("prompt_n"),
+                               prompt_reused=t.get("cache_n")))
     return gens if len(gens) == params.n else [replace(gens[0]) for _ in range(params.n)]
 
 
@@ -870,8 +1031,11 @@ def generate_iter(self: VLLMEngine, batch, params, constraint=None):
         outs = self.llm.chat(chunk, sps, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
         for j, o in enumerate(outs):
             n = reqs[s + j][0].n
-            gens = [Generation(self.answer_text(c.text), len(o.prompt_token_ids), len(c.token_ids),
-                               "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
+            p, cached = reqs[s + j][0], getattr(o, "num_cached_tokens", None)
+            gens = [Generation(t := self.answer_text(c.text), len(o.prompt_token_ids), len(c.token_ids),
+                               loop_finish(t, "length" if c.finish_reason == "length" else "stop", p),
+                               prompt_evaluated=None if cached is None else len(o.prompt_token_ids) - cached,
+                               prompt_reused=cached) for c in o.outputs]
             yield s + j, gens if len(gens) == n else [replace(gens[0]) for _ in range(n)]
 
 
@@ -949,6 +1113,7 @@ class CachedEmbedder:
                 self.cache.put_response(k, self.identity, reqs[first[k]], stored[k])
         rows = [np.frombuffer(base64.b64decode(stored[k][0]["embedding_f32_b64"]), dtype="<f4") for k in keys]
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
 
 
 # %% ../nbs/01_engines.ipynb #6e75aa74

@@ -229,7 +229,8 @@ class LlamaServerEngine(OpenAIEngine):
             raise CompeffdistError(f"the llamacpp engine needs a .gguf model, got '{model}' ({ref.kind})")
         self.server = LlamaServer(ref.location, parallel, context_length, n_threads, extra_args=server_args).start()
         super().__init__(model, base_url=self.server.base_url, max_concurrency=parallel, timeout_s=timeout_s,
-                         max_retries=2, schema_style="json_object", chat_template_kwargs=chat_template_kwargs)
+                         max_retries=2, schema_style="json_object", chat_template_kwargs=chat_template_kwargs,
+                         stream_loops=True)
         self.ref, self.parallel, self._grammars = ref, parallel, {}
         self.timings = Counter()  # the server's own account, summed: prompt_n/_ms, predicted_n/_ms, cache_n (reused)
 
@@ -243,6 +244,8 @@ def _body(self: LlamaServerEngine, messages, params, constraint, r):
             self._grammars[key] = (choice_grammar(constraint.choice) if constraint.choice is not None
                                    else schema_grammar(constraint.json_schema))
         body["grammar"] = self._grammars[key]
+    if body.get("stream"):
+        body["timings_per_token"] = True
     return body
 
 

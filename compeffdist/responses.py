@@ -84,7 +84,7 @@ def verify_response(sample: dict, output: str, finish_reason: str = "stop") -> l
         return ["teacher_error"]
     if not output or not output.strip():
         return ["empty"]
-    reasons = ["truncated"] if finish_reason == "length" else []
+    reasons = ["truncated"] if finish_reason == "length" else ["loop"] if finish_reason == "loop" else []
     fmt = sample.get("output_format") or {}
     if labels := labels_of(fmt):
         if _label(output) not in {_label(l) for l in labels}:

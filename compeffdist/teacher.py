@@ -38,12 +38,14 @@ def teacher_snapshot(engine) -> dict:
 
 
 def teacher_delta(before: dict, engine) -> dict:
-    "What the teacher did since `before`: calls generated and served from the cache, tokens, seconds."
+    "What the teacher did since `before`: calls generated and served from the cache, tokens, seconds, loops stopped."
     after = teacher_snapshot(engine)
     d = {k: round(after.get(k, 0) - before.get(k, 0), 2)
-         for k in ("misses", "hits", "errors", "completion_tokens", "seconds")}
-    return {"generated": d["misses"], "cached": d["hits"], "errors": d["errors"],
-            "completion_tokens": d["completion_tokens"], "seconds": d["seconds"]}
+         for k in ("misses", "hits", "errors", "prompt_tokens", "prompt_evaluated", "prompt_reused",
+                   "completion_tokens", "loops", "seconds")}
+    return {"generated": d["misses"], "cached": d["hits"], "errors": d["errors"], "prompt_tokens": d["prompt_tokens"],
+            "prompt_evaluated": d["prompt_evaluated"], "prompt_reused": d["prompt_reused"],
+            "completion_tokens": d["completion_tokens"], "loops": d["loops"], "seconds": d["seconds"]}
 
 # %% ../nbs/04_teacher.ipynb #31632b88
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|python|js|javascript)?[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)

@@ -139,3 +139,26 @@ def test_missing_server_is_one_line(tmp_path, monkeypatch):
 
 def test_make_install_built_the_server():
     assert check_llama_server().is_file()
+
+
+def test_a_looping_answer_is_stopped_in_the_server_and_the_prompt_cost_is_counted(tmp_path):
+    """Streamed with `stop_loops` (the default), an answer that loops ends early with finish reason `loop` and is the
+    beginning of the whole answer; one that ends by itself is the same either way. The stats count the loop, and the
+    prompt tokens the server evaluated and those a slot reused (a second request sharing the first one's prompt)."""
+    loopy = [{"role": "user", "content": "Write the word 'good' one hundred times."}]
+    ends = [{"role": "user", "content": "Repeat after me: I love this film."}]
+    eng = CachedEngine(LlamaServerEngine(MODEL, parallel=1, context_length=1024, n_threads=2), tmp_path / "c.sqlite",
+                       progress=False)
+    try:
+        (on,), = eng.generate([loopy], SamplingParams(max_new_tokens=160))
+        (off,), = eng.generate([loopy], SamplingParams(max_new_tokens=160, stop_loops=False))
+        (e_on,), = eng.generate([ends], SamplingParams(max_new_tokens=160))
+        (e_off,), = eng.generate([ends], SamplingParams(max_new_tokens=160, stop_loops=False))
+    finally:
+        eng.close()
+    assert on.finish_reason == "loop" and on.completion_tokens < 80 and off.finish_reason == "length"
+    assert off.text.startswith(on.text) and off.completion_tokens == 160
+    assert e_on.text == e_off.text and e_on.finish_reason == e_off.finish_reason == "stop"
+    s = eng.stats
+    assert s.misses == 4 and s.loops == 1
+    assert s.prompt_evaluated + s.prompt_reused == s.prompt_tokens and s.prompt_reused > 0  # the repeats reused a slot
