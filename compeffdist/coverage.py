@@ -41,13 +41,14 @@ def kind_table(records: list[dict]) -> list[dict]:
 # %% ../nbs/16a_coverage.ipynb #64e31039
 def perspective_table(records: list[dict], clusters: list[dict] | None = None, names: int = 3) -> list[dict]:
     "Rows per cluster id: its top attribute names (when `clusters` are given), instructions, samples, tokens."
-    by_id = {c["cluster_id"]: c for c in clusters or []}
+    by_id = {c.get("cluster_id"): c for c in clusters or [] if isinstance(c, dict)}
     groups = defaultdict(list)
     for r in records: groups[r.get("cluster_id")].append(r)
     rows = []
     for cid, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         c = by_id.get(cid)
-        rows.append({"cluster": cid, "attributes": ", ".join(a["name"] for a in c["attributes"][:names]) if c else "",
+        top = [str(a.get("name", "")) for a in (c or {}).get("attributes", [])[:names] if isinstance(a, dict)]
+        rows.append({"cluster": cid, "attributes": ", ".join(top),
                      "instructions": len({r.get("instruction_id") for r in rs}), "samples": len(rs),
                      "tokens": sum(answer_tokens(r) for r in rs)})
     return rows
@@ -184,11 +185,11 @@ def plot_coverage(cov: dict, title: str = ""):
     kinds = cov["kinds"]
     ax[0].barh([k["task_type"] for k in kinds][::-1], [k["tokens"] for k in kinds][::-1])
     ax[0].set(xlabel=f"answer tokens ({cov['summary']['token_unit']})", title="what is supervised")
-    ax[1].bar([f"{k['kind']}\n{k['task_type']}" for k in kinds], [k["median"] for k in kinds], label="median")
-    ax[1].scatter([f"{k['kind']}\n{k['task_type']}" for k in kinds], [k["p90"] for k in kinds], color="C1",
-                  zorder=3, label="90th percentile")
+    types = [k["task_type"].replace("_classification", "") for k in kinds]
+    ax[1].bar(types, [k["median"] for k in kinds], label="median")
+    ax[1].scatter(types, [k["p90"] for k in kinds], color="C1", zorder=3, label="90th percentile")
     ax[1].set(yscale="log", ylabel="answer tokens", title="answer lengths"); ax[1].legend(fontsize=8)
-    ax[1].tick_params(axis="x", labelsize=7)
+    ax[1].tick_params(axis="x", labelsize=8, labelrotation=30)
     per = cov["perspectives"]
     ax[2].bar(range(len(per)), [p["samples"] for p in per])
     ax[2].set(xlabel="perspective (by samples)", ylabel="samples", title=f"{len(per)} perspectives")

@@ -349,12 +349,40 @@ def _detail_blocks(run: dict) -> list:
     return b + [("h", 2, "Config"), ("code", cfg_text),
                 ("h", 2, "Artefacts"), ("table", ["stage", "file", "bytes", "sha256"], artefact_rows(run))]
 
+# %% ../nbs/19a_report.ipynb #304477ad
+def _coverage_blocks(run: dict, figs: Path) -> list:
+    from compeffdist.coverage import plot_coverage, run_coverage
+    b, cov = [("h", 2, "What the corpus teaches")], run_coverage(run["root"])
+    if cov is None: return b + [("p", "The responses stage has not run.")]
+    s, lab = cov["summary"], cov["labels"]
+    b.append(("p", f"{s['samples']} samples (`{cov['corpus']}`) of {s['instructions']} instructions from "
+                   f"{s['perspectives']} perspectives. Analysis answers hold {s['analysis_token_share']:.1%} of the "
+                   f"answer tokens ({s['token_unit']}); {lab['in_any']} of {lab['task_answers']} task answers are a "
+                   f"label of the evaluation's datasets ({_fmt_counter(lab['labels'])})."))
+    b.append(("table", ["kind", "task type", "samples", "answer tokens", "token share", "median", "p90", "max"],
+              [[k["kind"], k["task_type"], k["samples"], k["tokens"], f"{k['token_share']:.1%}", k["median"], k["p90"],
+                k["max"]] for k in cov["kinds"]]))
+    b.append(("table", ["target dataset", "task answers in its label space"], list(map(list, lab["per_dataset"].items()))))
+    b.append(("table", ["perspective", "top attributes", "instructions", "samples", "answer tokens"],
+              [list(p.values()) for p in cov["perspectives"][:30]]))
+    if cov["closed"]:
+        b.append(("table", ["closed task", "labels", "samples", "answers outside its labels"],
+                  [list(c.values()) for c in cov["closed"]]))
+    b.append(("p", f"Flagged instructions: {_fmt_counter(s['flagged_instructions'])}."))
+    if cov["flags"]: b.append(("table", ["instruction", "flag", "detail"], [list(f.values()) for f in cov["flags"]]))
+    fig = plot_coverage(cov)
+    p = _save(fig, figs / "coverage.png")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return b + [("img", p.relative_to(run["root"]).as_posix(), "What the corpus teaches")]
 
+# %% ../nbs/19a_report.ipynb #35e22764
 def build_report(root: str | Path, stages: list) -> list:
     "The report of a run folder, as blocks (writes its plots under `<root>/report/`)."
     run = load_run(root, stages)
     figs = run["root"] / "report"
-    return _head_blocks(run) + _flow_blocks(run, figs) + _cost_blocks(run) + _data_blocks(run, figs) + _detail_blocks(run)
+    return (_head_blocks(run) + _flow_blocks(run, figs) + _cost_blocks(run) + _coverage_blocks(run, figs)
+            + _data_blocks(run, figs) + _detail_blocks(run))
 
 # %% ../nbs/19a_report.ipynb #8c2fe801
 def _md_cell(v) -> str:

@@ -25,8 +25,27 @@ def test_report_of_the_demo_run(tmp_path):
     assert all(st["status"] == "finished" for st in run["stages"].values())
     blocks = build_report(root, STAGES)
     assert [b[2] for b in blocks if b[0] == "h" and b[1] == 2] == [
-        "Models", "Data flow", "Decontamination", "Teacher cost", "Difficulty", "Sampling", "SentiBench",
+        "Models", "Data flow", "Decontamination", "Teacher cost", "What the corpus teaches", "Difficulty", "Sampling",
+        "SentiBench",
         "Stage details", "Config", "Artefacts"]
     md = write_report(root, STAGES).read_text()
     assert "| sampling | finished | 0.0 | 18 | 9 |" in md and str(tmp_path) not in md  # no absolute path in the card
-    assert to_html(blocks, root).count("data:image/png;base64,") == 4
+    assert to_html(blocks, root).count("data:image/png;base64,") == 5
+
+
+def test_coverage_section_before_the_difficulty_stage(tmp_path):
+    "Without a scored corpus the coverage reads the teacher's responses and counts words; flags are listed."
+    root = tmp_path / "demo_run"
+    shutil.copytree(FIXTURE, root)
+    shutil.rmtree(root / "difficulty")
+    from compeffdist.core import read_jsonl, write_jsonl
+    recs = read_jsonl(root / "responses" / "samples.jsonl")
+    task = next(r for r in recs if r["kind"] == "task")
+    recs.append({**task, "id": "x1", "instruction_id": "x-task", "output": "7", "output_format": {"scale": [1, 5]},
+                 "task_type": "scoring", "instruction": "Rate it from 1 to 10.\n\nInput: fine"})
+    write_jsonl(root / "responses" / "samples.jsonl", recs)
+    from compeffdist.pipeline import STAGES
+    md = write_report(root, STAGES).read_text()
+    section = md[md.index("## What the corpus teaches"):md.index("## Difficulty")]
+    assert f"{len(recs)} samples (`responses/samples.jsonl`)" in section and "(words)" in section
+    assert "| x-task | scale_mismatch |" in section and "| x-task | answers_outside_scale | 1 of 1 answers |" in section
