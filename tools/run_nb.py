@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flags", default="", help="flags to force, e.g. 'slow' or 'slow gpu'")
     ap.add_argument("--save", action="store_true", help="write outputs back into the notebook on success")
     ap.add_argument("--quiet", action="store_true", help="do not echo cell output to the console")
+    ap.add_argument("--cell-timeout", type=int, default=600, help="seconds a cell may run (default 600)")
     ap.add_argument("--strip-bars", action="store_true", help="only remove library progress bars from saved output")
     a = ap.parse_args(argv)
     if a.strip_bars:
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     failed = 0
     for nb in a.notebooks:
         ok, secs = nbtest.test_nb(nb.resolve(), skip_flags=[f for f in cfg.tst_flags.split() if f not in forced],
-                                  force_flags=forced, basepath=cfg.config_path, verbose=False, save=a.save)
+                                  force_flags=forced, basepath=cfg.config_path, verbose=False, save=a.save,
+                                  cell_timeout=a.cell_timeout)
         if ok and a.save:
             strip_progress_bars(nb)
         print(f"{nb}: {'ok' if ok else 'FAILED'} in {secs:.0f}s", file=sys.stderr)
