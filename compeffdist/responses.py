@@ -107,14 +107,15 @@ def verify_response(sample: dict, output: str, finish_reason: str = "stop") -> l
             reasons.append("span_not_in_text")
     return reasons
 
-# %% ../nbs/14_responses.ipynb #2b0e163e
+# %% ../nbs/14_responses.ipynb #4d221a98
 def _majority(answers: Sequence[str], labels: Sequence[str]) -> tuple[str, float]:
+    "The most frequent answer (labels matched loosely, written as declared) and its share of the votes."
     canon = {_label(l): l for l in labels}
     votes = Counter(canon.get(_label(a), a) for a in answers)
     best, n = votes.most_common(1)[0]
     return best, n / len(answers)
 
-
+# %% ../nbs/14_responses.ipynb #61755a76
 def collect_responses(teacher, samples: Sequence[dict], cfg: ResponsesConfig,
                       stats: StageStats | None = None) -> list[dict]:
     "Teacher answers for `samples` (constrained, verified); failed ones dropped or flagged per `cfg.on_fail`."
