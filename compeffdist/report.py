@@ -350,9 +350,19 @@ def _detail_blocks(run: dict) -> list:
                 ("h", 2, "Artefacts"), ("table", ["stage", "file", "bytes", "sha256"], artefact_rows(run))]
 
 # %% ../nbs/19a_report.ipynb #304477ad
+def _source_line(run: dict) -> str:
+    "Where the attribute names and the perspectives came from: the teacher and our clustering, or published files."
+    info = lambda s: ((run["stages"].get(s, {}).get("manifest") or {}).get("stats") or {}).get("info") or {}
+    src = {s: info(s).get("source") for s in ("attributes", "clustering")}
+    said = lambda s, own: (f"the published file `{src[s]['published']}` (SHA-256 {src[s]['sha256'][:12]}…)"
+                           if src[s] else own)
+    return (f"Attribute names: {said('attributes', 'enumerated by the teacher')}; perspectives: "
+            f"{said('clustering', 'our clustering of those names')}.")
+
+
 def _coverage_blocks(run: dict, figs: Path) -> list:
     from compeffdist.coverage import plot_coverage, run_coverage
-    b, cov = [("h", 2, "What the corpus teaches")], run_coverage(run["root"])
+    b, cov = [("h", 2, "What the corpus teaches"), ("p", _source_line(run))], run_coverage(run["root"])
     if cov is None: return b + [("p", "The responses stage has not run.")]
     s, lab = cov["summary"], cov["labels"]
     b.append(("p", f"{s['samples']} samples (`{cov['corpus']}`) of {s['instructions']} instructions from "

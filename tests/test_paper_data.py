@@ -44,7 +44,9 @@ def test_the_published_attributes_clustered_by_our_stage(tmp_path):
     m = read_json(tmp_path / "run" / "attributes" / "manifest.json")
     assert m["stats"]["info"]["source"]["published"] == PAPER_ATTRIBUTES and "teacher" not in m["stats"]["info"]
     assert read_json(tmp_path / "run" / "clustering" / "manifest.json")["stats"]["counts"]["attributes_in"] == len(attrs)
-    assert "clustering/data/attr_list.json" in (tmp_path / "run" / "REPORT.md").read_text()
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "Attribute names: the published file `clustering/data/attr_list.json` (SHA-256" in report
+    assert "perspectives: our clustering of those names." in report
 
 
 def test_the_published_clusters_taken_as_they_are(tmp_path):
