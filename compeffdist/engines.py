@@ -113,6 +113,7 @@ def request_seed(params: SamplingParams, messages: Messages, r: int = 0) -> int:
 LOOP_COPIES = 5  # a unit repeated this many times in a row is a loop...
 LOOP_MIN_TOKENS = 30  # ...once the run covers at least this many words and marks
 LOOP_MAX_PERIOD = 200  # units of up to this many words and marks
+LOOP_CHECK_EVERY = 4  # streamed pieces between two loop checks
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -749,10 +750,12 @@ class LlamaCppEngine(Engine):
             yield i, gens if draws == p.n else [replace(gens[0]) for _ in range(p.n)]
 
     def _one(self, i: int, m: Messages, p: SamplingParams, extra: dict, r: int) -> Generation:
+        kw = dict(messages=list(m), temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
+                  stop=list(p.stop) or None, seed=request_seed(p, m, r), **extra)
         try:
-            out = self.llm.create_chat_completion(
-                messages=list(m), temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
-                stop=list(p.stop) or None, seed=request_seed(p, m, r), **extra)
+            if p.stop_loops and not p.stop:
+                return self._streamed(kw, p)
+            out = self.llm.create_chat_completion(**kw)
         except ValueError as e:  # e.g. the prompt does not fit the context
             print(f"llamacpp: request {i}: {e}", file=sys.stderr)
             return Generation("", 0, 0, "error")
@@ -760,6 +763,24 @@ class LlamaCppEngine(Engine):
         text = self.answer_text(ch["message"]["content"] or "")
         return Generation(text, use["prompt_tokens"], use["completion_tokens"],
                           loop_finish(text, "length" if ch["finish_reason"] == "length" else "stop", p))
+
+    def _streamed(self, kw: dict, p: SamplingParams) -> Generation:
+        "One completion streamed, the stream closed once the text loops; token counts from the context's length."
+        parts, n0, finish = [], None, None
+        stream = self.llm.create_chat_completion(**kw, stream=True)
+        for k, chunk in enumerate(stream, 1):
+            if n0 is None: n0 = self.llm.n_tokens  # the prompt, evaluated; nothing sampled is in the context yet
+            ch = chunk["choices"][0]
+            parts.append(ch["delta"].get("content") or "")
+            finish = ch.get("finish_reason") or finish
+            if finish is None and k % LOOP_CHECK_EVERY == 0 and loop_end("".join(parts)) is not None:
+                finish = "loop"
+                stream.close()
+                break
+        n0 = self.llm.n_tokens if n0 is None else n0
+        new = self.llm.n_tokens - n0 + (finish != "stop")  # the last token sampled (not end-of-turn) is not in it yet
+        text = self.answer_text("".join(parts))
+        return Generation(text, n0, new, loop_finish(text, finish if finish in ("length", "loop") else "stop", p))
 
     def close(self):
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -890,9 +911,6 @@ def _post(self: OpenAIEngine, body) -> dict:
         attempt += 1
 
 # %% ../nbs/01_engines.ipynb #2e5e91d4
-LOOP_CHECK_EVERY = 4  # streamed pieces between two loop checks
-
-
 @patch
 def _read_stream(self: OpenAIEngine, resp) -> dict:
     "A streamed completion as one completion dict; finish reason `loop` (connection closed) once the text loops."
@@ -1301,4 +1319,5 @@ def generate_cli(argv: list[str] | None = None) -> int:
     s = eng.stats
     print(f"\n{len(rows)} prompts: {s.misses} generated, {s.hits} from cache, {s.errors} failed; "
           f"{s.completion_tokens} new tokens in {s.seconds:.1f}s = {s.tokens_per_s:.1f} tok/s")
+    if s.loops: print(f"{s.loops} answers stopped because they looped (finish_reason loop)")
     return 1 if s.errors else 0

@@ -186,3 +186,22 @@ def test_hf_stops_the_looping_sequence_of_a_batch_and_not_the_other(hf):
     assert off[0][0].text.startswith(on[0][0].text)
     assert on[1][0].text == off[1][0].text and on[1][0].finish_reason == off[1][0].finish_reason == "stop"
     assert on[1][0].prompt_evaluated == on[1][0].prompt_tokens > 0
+
+
+def test_llamacpp_in_process_stops_a_loop_and_counts_tokens_as_without_streaming():
+    from compeffdist.engines import LlamaCppEngine
+    eng = LlamaCppEngine("smollm2-135m-instruct", context_length=1024, n_threads=1)
+    try:
+        (on,), = eng.generate([[{"role": "user", "content": LOOPY}]], SamplingParams(max_new_tokens=120))
+        (off,), = eng.generate([[{"role": "user", "content": LOOPY}]], SamplingParams(max_new_tokens=120, stop_loops=False))
+        ends = [[{"role": "user", "content": "Name three fruits."}], [{"role": "user", "content": "Write a long story."}]]
+        streamed = [g[0] for g in eng.generate(ends, SamplingParams(max_new_tokens=40))]
+        whole = [g[0] for g in eng.generate(ends, SamplingParams(max_new_tokens=40, stop_loops=False))]
+    finally:
+        eng.close()
+    assert on.finish_reason == "loop" and on.completion_tokens < 120 and off.text.startswith(on.text)
+    assert (off.finish_reason, off.completion_tokens) == ("length", 120) and on.prompt_tokens == off.prompt_tokens
+    for s, w in zip(streamed, whole):  # an answer that does not loop: the same text, finish reason and token counts
+        assert (s.text, s.finish_reason, s.prompt_tokens, s.completion_tokens) == \
+               (w.text, w.finish_reason, w.prompt_tokens, w.completion_tokens)
+    assert {w.finish_reason for w in whole} == {"stop", "length"}
