@@ -1,7 +1,7 @@
 """Lenient JSON reading: `teacher.parse_json_lenient` against the `json_repair` library, on real teacher answers
 and on the fuzzed answers of the tests.
 
-    pip install json-repair==0.64.4        # measured with this release
+    pip install json-repair==0.64.4        # measured with this release (not a dependency of the package)
     python benchmarks/json_reading.py       # results/replication/teacher_calls.jsonl, 400 fuzz cases per property
     python benchmarks/json_reading.py --calls CALLS.jsonl --fuzz 1000
 

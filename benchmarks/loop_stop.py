@@ -140,7 +140,9 @@ def main(argv=None):
         params = [SamplingParams(max_new_tokens=x["params"]["max_new_tokens"]) for x in answers]
         got = eng.generate(batch, params)
         eng.close()
-    print(f"{len(answers)} answers of {a.calls} replayed in {time.perf_counter() - t0:.0f}s")
+    shown = Path(a.calls).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    print(f"{len(answers)} answers of {shown} replayed in {time.perf_counter() - t0:.0f}s")
     kept, changed, by_cap = Counter(), [], defaultdict(Counter)
     stopped_reading = Counter()
     for x, g in zip(answers, got):

@@ -1,7 +1,7 @@
 """Retries of the `openai` engine against the `openai` SDK's client and a `tenacity` loop, on a real local server
 that fails on purpose.
 
-    pip install tenacity==9.2.1            # measured with this release (the SDK is already installed)
+    pip install tenacity==9.2.1            # measured with this release (not a dependency; the openai SDK is pinned in constraints.txt)
     python benchmarks/openai_retries.py
 
 One scripted HTTP server on 127.0.0.1 answers each scenario's requests with its plan of failures, then with a
