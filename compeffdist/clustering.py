@@ -7,16 +7,20 @@ propagation (KMeans as the alternative), and detect when the clustering went wro
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from collections import Counter
 
 import numpy as np
 
-from .core import ClusteringConfig, CompeffdistError, StageStats, read_jsonl, write_json, write_jsonl
+from .core import (ClusteringConfig, CompeffdistError, StageStats, read_json, read_jsonl, write_json,
+                              write_jsonl)
 
 # %% auto #0
 __all__ = ['COLLAPSE_NAMES_PER_CLUSTER', 'MIN_NAMES_FOR_CHECKS', 'embed_names', 'frequency_copies', 'similarities',
            'affinity_propagation', 'kmeans', 'fallback_k', 'failure_signatures', 'cluster_attributes', 'build_clusters',
-           'run_clustering', 'cluster_table', 'plot_clusters']
+           'run_clustering', 'cluster_table', 'plot_clusters', 'read_published_clusters', 'clusters_from_published',
+           'cluster_of', 'partition_agreement', 'side_by_side']
 
 # %% ../nbs/11_clustering.ipynb #cf06c1ba
 def embed_names(embedder, names: list[str], batch_size: int = 64, prompt: str | None = None) -> np.ndarray:
@@ -145,6 +149,7 @@ def build_clusters(attrs: list[dict], labels, exemplars: list[int] = ()) -> list
 def run_clustering(ctx) -> StageStats:
     "Stage `clustering`: embed the kept attribute names, cluster them, write clusters and the name -> cluster map."
     cfg, stats = ctx.cfg.clustering, StageStats()
+    if cfg.published: return clusters_from_published(ctx)  # the authors' clusters as they are (below)
     attrs = read_jsonl(ctx.store.path("attributes", "attributes.jsonl"))
     if not attrs:
         raise CompeffdistError("attributes/attributes.jsonl is empty: nothing to cluster (the attributes stage kept "
@@ -205,3 +210,83 @@ def plot_clusters(clusters: list[dict], emb: np.ndarray | None = None, names: li
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/11_clustering.ipynb #93d9d664
+_NAME_COUNT = re.compile(r"^(.+)\|\((\d+)\)$")
+
+
+def _published_cluster(path, i: int, item) -> tuple[int, list[tuple[str, int]]]:
+    "(published id, [(name, count)]) of item `i` of a published clustering; a one-line error if it is malformed."
+    names = item.get("attr_names") if isinstance(item, dict) else None
+    cid = item.get("cluster_id") if isinstance(item, dict) else None
+    got = [_NAME_COUNT.match(s.strip()) if isinstance(s, str) else None for s in names or []]
+    if type(cid) is not int or not got or not all(got):
+        raise CompeffdistError(f'{path}: item {i} is not {{"cluster_id": <integer>, "attr_names": ["name|(count)", ...]}}')
+    return cid, [(" ".join(m.group(1).split()), int(m.group(2))) for m in got]
+
+# %% ../nbs/11_clustering.ipynb #16968d24
+def read_published_clusters(path) -> list[dict]:
+    "Cluster records (`build_clusters`' shape plus `published_id`) of a published clustering file."
+    data = read_json(path)
+    if not isinstance(data, list) or not data:
+        raise CompeffdistError(f"{path}: a clustering is a non-empty JSON list of clusters")
+    attrs, labels, where = [], [], {}
+    for i, item in enumerate(data):
+        cid, members = _published_cluster(path, i, item)
+        for name, count in members:
+            if name in where:
+                raise CompeffdistError(f"{path}: '{name}' is in clusters {where[name]} and {cid}")
+            where[name] = cid
+            attrs.append({"name": name, "count": count, "description": ""}); labels.append(cid)
+    return [{**c, "published_id": where[c["attributes"][0]["name"]]} for c in build_clusters(attrs, labels)]
+
+# %% ../nbs/11_clustering.ipynb #9777fa46
+def clusters_from_published(ctx) -> StageStats:
+    "Stage `clustering` from `clustering.published`: the authors' clusters as they are."
+    import hashlib
+    from compeffdist.data import published_path
+    stats = StageStats()
+    path = published_path(ctx.cfg.clustering.published, ctx.cfg.data.paper_data)
+    clusters = read_published_clusters(path)
+    a2c = {a["name"]: c["cluster_id"] for c in clusters for a in c["attributes"]}
+    ours = ctx.store.path("attributes", "attributes.jsonl")
+    if ours.is_file():
+        names = [a["name"] for a in read_jsonl(ours)]
+        stats.add("attributes_in", len(names)); stats.add("attributes_covered", sum(n in a2c for n in names))
+    stats.add("clusters", len(clusters))
+    stats.info.update(method="published", source={"published": ctx.cfg.clustering.published, "path": str(path),
+                                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    write_jsonl(ctx.store.path("clustering", "clusters.jsonl"), clusters)
+    write_json(ctx.store.path("clustering", "attribute_to_cluster.json"), a2c)
+    return stats
+
+# %% ../nbs/11_clustering.ipynb #99e9ad26
+def cluster_of(clusters: list[dict]) -> dict[str, int]:
+    "Name -> cluster id of a clustering."
+    return {a["name"]: c["cluster_id"] for c in clusters for a in c["attributes"]}
+
+
+def partition_agreement(a: list[dict], b: list[dict]) -> dict:
+    "Names both clusterings hold, their cluster counts, and the adjusted Rand index over the shared names."
+    from sklearn.metrics import adjusted_rand_score
+    la, lb = cluster_of(a), cluster_of(b)
+    common = sorted(la.keys() & lb.keys())
+    ari = adjusted_rand_score([la[n] for n in common], [lb[n] for n in common]) if common else float("nan")
+    return {"names": len(common), "clusters": (len(a), len(b)), "ari": round(float(ari), 3)}
+
+# %% ../nbs/11_clustering.ipynb #cad362b0
+def side_by_side(ours: list[dict], theirs: list[dict], top: int = 10, names: int = 4):
+    "For each of `theirs`' `top` largest clusters: its top names, and our cluster holding most of its mentions."
+    import pandas as pd
+    mine, rows = cluster_of(ours), []
+    by_id = {c["cluster_id"]: c for c in ours}
+    for c in theirs[:top]:
+        share = Counter()
+        for a in c["attributes"]:
+            if a["name"] in mine: share[mine[a["name"]]] += a["count"]
+        best, n = share.most_common(1)[0] if share else (None, 0)
+        rows.append({"theirs": ", ".join(a["name"] for a in c["attributes"][:names]), "size": c["size"],
+                     "ours": ", ".join(a["name"] for a in by_id[best]["attributes"][:names]) if best is not None else "",
+                     "our size": by_id[best]["size"] if best is not None else 0,
+                     "mentions in it": f"{n / c['total_count']:.0%}"})
+    return pd.DataFrame(rows)
