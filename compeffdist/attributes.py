@@ -19,8 +19,7 @@ from .teacher import as_text, fill, generate_texts, parse_json_lenient, teacher_
 # %% auto #0
 __all__ = ['ATTRIBUTES_PROMPT', 'ATTRIBUTES_PROMPT_TEXT', 'MAX_NAME_WORDS', 'attributes_schema', 'attributes_request',
            'parse_attributes', 'normalise_name', 'text_attributes', 'aggregate_attributes', 'min_count_threshold',
-           'run_attributes', 'read_published_attributes', 'attributes_from_published', 'plot_attributes',
-           'example_config']
+           'run_attributes', 'read_published_attributes', 'attributes_from_published', 'plot_attributes']
 
 # %% ../nbs/10_attributes.ipynb #391ba326
 ATTRIBUTES_PROMPT = """Brainstorm, creatively, as many sentiment-related attributes of the input text as you can. \
@@ -314,33 +313,10 @@ def plot_attributes(attrs: list[dict], top: int = 30, threshold: float | None = 
     counts = [a["count"] for a in attrs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * min(top, len(attrs)) + 1)))
     ax1.loglog(range(1, len(counts) + 1), counts, marker=".", linestyle="-")
-    if threshold is not None: ax1.axhline(threshold + 0.5, color="grey", linestyle="--", label=f"kept: count > {threshold:g}"); ax1.legend()
+    if threshold: ax1.axhline(threshold + 0.5, color="grey", linestyle="--", label=f"kept: count > {threshold:g}"); ax1.legend()
     ax1.set(xlabel="rank", ylabel="texts mentioning the attribute", title=f"rank–frequency of {len(attrs)} attribute names")
     head = attrs[:top][::-1]
     ax2.barh([a["name"] for a in head], [a["count"] for a in head])
     ax2.set(xlabel="texts", title=f"top {len(head)} attributes")
     fig.tight_layout()
     return fig
-
-# %% ../nbs/10_attributes.ipynb #2b88e6ee
-def example_config(root=None, n_texts: int = 24):
-    "The small offline run the `attributes`, `clustering` and `instructions` notebooks show (CPU, bundled models)."
-    from pathlib import Path
-    from compeffdist.core import parse_config
-    root = Path(root) if root is not None else Path.cwd()
-    return parse_config({
-        "run": {"name": "nb-instructions", "out": str(root / "runs" / "nb-instructions")},
-        # one thread: llama.cpp's threads spin while they wait, which costs much when other jobs share the cores
-        "teacher": {"model": "qwen2.5-coder-1.5b-instruct", "engine": "llamacpp", "context_length": 4096,
-                    "n_threads": 1},
-        "student": {"model": "smollm2-135m-instruct", "engine": "hf"},
-        "data": {"sources": [{"type": "sentibench", "split": "train",
-                              "datasets": ["sc/yelp2", "sc/sst2", "sc/twitter", "sc/imdb"]}],
-                 "n_texts": n_texts, "max_chars": 500},
-        "attributes": {"decoding": {"temperature": 1.0, "max_new_tokens": 256}, "max_attributes_per_text": 8},
-        "instructions": {"max_clusters": 3, "max_tasks_per_cluster": 2, "demo_prompts_per_task": 2,
-                         "analysis_decoding": {"temperature": 0.7, "max_new_tokens": 200},
-                         "tasks_decoding": {"temperature": 0.7, "max_new_tokens": 256},
-                         "rewrite_decoding": {"temperature": 0.7, "max_new_tokens": 512},
-                         "demos_decoding": {"temperature": 1.0, "max_new_tokens": 200}},
-    }, "example_config")
