@@ -24,11 +24,12 @@ from .data import SENTIBENCH, SentiBenchDataset, cut_text, load_sentibench, sent
 
 # %% auto #0
 __all__ = ['CLASSIFICATION_INSTRUCTIONS', 'MAX_NEW_TOKENS', 'SPLITS', 'INVALID', 'ROLE_ORDER', 'fsa_instruction', 'gold_items',
-           'answer_json', 'Example', 'build_examples', 'extract_answer', 'answer_complete', 'parse_answer',
-           'predicted_items', 'micro_f1', 'space_spans', 'opinion_tuples', 'predicted_opinions', 'weighted_tuple_f1',
-           'score_predictions', 'open_backend', 'verbalizer', 'resolve_datasets', 'datasets_with_split', 'result_path',
-           'prediction_path', 'prediction_key', 'predict', 'evaluate_model', 'load_results', 'results_table',
-           'plot_scores', 'write_report', 'evaluation_models', 'run_evaluation', 'eval_cli']
+           'answer_json', 'classification_prompt', 'Example', 'build_examples', 'benchmark_train_records',
+           'extract_answer', 'answer_complete', 'parse_answer', 'predicted_items', 'micro_f1', 'space_spans',
+           'opinion_tuples', 'predicted_opinions', 'weighted_tuple_f1', 'score_predictions', 'open_backend',
+           'verbalizer', 'resolve_datasets', 'datasets_with_split', 'result_path', 'prediction_path', 'prediction_key',
+           'predict', 'evaluate_model', 'load_results', 'results_table', 'plot_scores', 'write_report',
+           'evaluation_models', 'run_evaluation', 'eval_cli']
 
 # %% ../nbs/18_sentibench.ipynb #90806d3c
 _SA = ("Please perform Sentiment Analysis task. Given the sentence, assign a sentiment polarity label from {labels}. "
@@ -198,6 +199,16 @@ def answer_json(items: list[dict]) -> str:
     "A gold answer as the demonstrations show it."
     return json.dumps(items, ensure_ascii=False, indent=2)
 
+# %% ../nbs/18_sentibench.ipynb #6d5afa65
+def classification_prompt(name: str, rec: dict, demos: Sequence[dict], max_chars: int | None = None) -> str:
+    "The k-shot prompt of a BSA/MSA record, as the reference writes it (texts cut to `max_chars` when given)."
+    cut = (lambda s: cut_text(s, max_chars)) if max_chars else (lambda s: s)
+    instr = CLASSIFICATION_INSTRUCTIONS[name]
+    if name == "multifaced/pstance":
+        instr = instr.replace("{target}", rec["target"])
+    parts = [instr, ""] + [f"Sentence: {cut(d['sentence'])}\nLabel: {_demo_label(name, d)}\n" for d in demos]
+    return "\n".join(parts + [f"Sentence: {cut(rec['sentence'])}\nLabel:"])
+
 # %% ../nbs/18_sentibench.ipynb #d9240f56
 @dataclass
 class Example:
@@ -246,13 +257,28 @@ def build_examples(name: str, shots: int = 4, seed: int = 42, limit: int | None 
             parts.append(f"Sentence: {rec['sentence']}\nOutput:")
             gold = rec if ds.name == "absa/opener" else _gold_tuples(ds.name, rec, fixed)
         else:
-            instr = CLASSIFICATION_INSTRUCTIONS[ds.name]
-            if ds.name == "multifaced/pstance":
-                instr = instr.replace("{target}", rec["target"])
-            parts = [instr, ""] + [f"Sentence: {cut(d['sentence'])}\nLabel: {_demo_label(ds.name, d)}\n" for d in demos]
-            parts.append(f"Sentence: {cut(rec['sentence'])}\nLabel:")
+            parts = [classification_prompt(ds.name, rec, demos, max_chars)]
             gold = rec["label"].lower()
         out.append(Example(i, "\n".join(parts), rec["sentence"], gold, rec))
+    return out
+
+# %% ../nbs/18_sentibench.ipynb #c6670917
+def benchmark_train_records(name: str, n: int, shots: int = 4, seed: int = 42, max_chars: int | None = None,
+                            root: str | os.PathLike | None = None) -> list[dict]:
+    "`n` train examples of a BSA/MSA dataset as training records: `instruction` (its k-shot prompt), `output` (label)."
+    ds = sentibench_dataset(name)
+    if ds.family == "FSA":
+        raise CompeffdistError(f"{ds.name}: only the classification datasets (BSA, MSA) can be written as records")
+    pool = load_sentibench(ds.name, "train", root)
+    rng = random.Random(f"{seed}:{ds.name}")
+    picked = rng.sample(range(len(pool)), min(n, len(pool)))
+    out = []
+    for i in picked:
+        others = rng.sample([j for j in range(len(pool)) if j != i], shots)
+        rec = pool[i]
+        out.append({"id": f"{ds.short}-train-{i}", "source": ds.name, "kind": "benchmark",
+                    "task_type": "closed_classification", "instruction": classification_prompt(
+                        ds.name, rec, [pool[j] for j in others], max_chars), "output": _demo_label(ds.name, rec)})
     return out
 
 # %% ../nbs/18_sentibench.ipynb #14721f0d
