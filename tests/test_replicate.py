@@ -4,6 +4,7 @@ command on a tiny student; its one-line errors."""
 import json
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,28 @@ def test_device_reaches_the_training_and_the_scoring_of_each_student(tmp_path, m
         replicate.evaluate(cfg, str(model), "difficulty_50", "test", 10, [42])
     assert [c[c.index("--device") + 1] for c in calls] == ["cuda", "cuda"]
     assert json.loads((tmp_path / "results" / "trainings.json").read_text())["difficulty_50"]["device"] == "cuda"
+
+
+def test_ceiling_records_are_the_benchmarks_train_splits_in_its_prompt_format(sentibench_root):
+    "An equal share of each evaluated dataset's train split, each an evaluation prompt whose answer is its label."
+    from compeffdist.data import load_sentibench, sentibench_dataset
+    cfg = load_config(ROOT / "configs" / "replication.yaml")
+    recs = replicate.ceiling_records(cfg, 80)
+    assert len(recs) == 80 and Counter(r["source"] for r in recs) == {d: 10 for d in cfg.evaluation.datasets}
+    assert replicate.ceiling_records(cfg, 80) == recs and [r["source"] for r in recs] != sorted(r["source"] for r in recs)
+    for r in recs:
+        ds = sentibench_dataset(r["source"])
+        assert r["instruction"].count("\nLabel:") == cfg.evaluation.shots + 1 and r["instruction"].endswith("Label:")
+        assert r["output"].split("(")[0] in {l.lower() for l in ds.labels}
+        test_texts = {x["sentence"] for x in load_sentibench(ds.name, "test")}
+        own = r["instruction"].rsplit("Sentence: ", 1)[1]
+        assert own[:-len("\nLabel:")].strip() not in test_texts
+
+
+def test_ceiling_settings_are_chosen_on_validation_in_their_own_sweep(tmp_path, monkeypatch):
+    "The ceiling's coordinate search (learning rate, then epochs) is kept apart from the corpus's sweep.json."
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    score = {(5e-5, 1): 50.0, (2e-4, 1): 53.0, (5e-4, 1): 49.0, (2e-4, 2): 52.0}
+    out = replicate.sweep(None, "", replicate.CEILING_GRID,
+                          lambda st: {**st, "val_mean": score[(st["learning_rate"], st["epochs"])]}, "ceiling_sweep.json")
+    assert out["chosen"] == {"learning_rate": 2e-4, "epochs": 1} and not (tmp_path / "sweep.json").exists()

@@ -14,6 +14,9 @@ the same machine.
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
     python tools/replicate.py variants --only base_student --seeds 42   # the untrained student alone, on test
     python tools/replicate.py variants --only difficulty_50,random_50 --device cuda   # students on a GPU
+    python tools/replicate.py ceiling --device cuda     # the student taught the benchmark itself (train splits, in
+                                                         # the evaluation's prompt format): settings on validation,
+                                                         # then test; a reference row, not a method variant
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
                                                          # (and summary.val.json: the sweep against the base student)
@@ -41,7 +44,8 @@ from compeffdist.core import CompeffdistError, load_config, read_json, read_json
 from compeffdist.models import resolve_model
 from compeffdist.pipeline import STAGES
 from compeffdist.sampling import sample_records
-from compeffdist.sentibench import build_examples, prediction_path, resolve_datasets, result_path
+from compeffdist.sentibench import (benchmark_train_records, build_examples, prediction_path, resolve_datasets,
+                                    result_path)
 from compeffdist.training import data_hash
 
 RESULTS = Path("results/replication")
@@ -60,7 +64,7 @@ SWEEP_SAMPLES = 1000
 PAIRS = [("full", "base_student"), ("difficulty_10", "base_student"), ("random_10", "base_student"),
          ("difficulty_10", "random_10"), ("difficulty_25", "random_25"),
          ("difficulty_50", "random_50"), ("difficulty_10", "full"), ("difficulty_50", "full"), ("teacher", "full"),
-         ("full", "full_1000"), ("full", "full_300")]
+         ("full", "full_1000"), ("full", "full_300"), ("ceiling", "base_student"), ("ceiling", "full")]
 
 
 def cli(*args: str) -> None:
@@ -214,12 +218,13 @@ def train_settings() -> dict:
 
 # --- the sweep ------------------------------------------------------------------------------------------------------
 
-def sweep(cfg, config_path: str, grid: dict = SWEEP, point=None) -> dict:
+def sweep(cfg, config_path: str, grid: dict = SWEEP, point=None, name: str = "sweep.json") -> dict:
     """Choose the training settings on validation by a coordinate search over `grid`: one axis at a time, in the
     grid's order, each value tried with the other axes at the best setting so far (their first values at the start).
-    `point(setting)` trains and scores one setting (default `sweep_point`); settings already in sweep.json are reused."""
+    `point(setting)` trains and scores one setting (default `sweep_point`); settings already in `name` (under
+    results/replication) are reused."""
     point = point or (lambda setting: sweep_point(cfg, config_path, setting))
-    path = RESULTS / "sweep.json"
+    path = RESULTS / name
     rows = read_json(path)["rows"] if path.is_file() else []
     current = {axis: values[0] for axis, values in grid.items()}
     for axis, values in grid.items():
@@ -229,8 +234,8 @@ def sweep(cfg, config_path: str, grid: dict = SWEEP, point=None) -> dict:
                 rows.append(point(setting))
                 write_json(path, {"protocol": VAL, "design": "coordinate search", "train_samples": SWEEP_SAMPLES,
                               "grid": grid, "rows": rows,
-                                  "chosen": best(rows)})
-        current = best(rows)
+                                  "chosen": best(rows, grid)})
+        current = best(rows, grid)
     return read_json(path)
 
 
@@ -257,10 +262,10 @@ def sweep_point(cfg, config_path: str, setting: dict) -> dict:
             "val_mean": round(res["mean"], 2)}
 
 
-def best(rows: list[dict]) -> dict:
-    "The setting with the best validation mean (ties: fewer epochs, then the smaller learning rate)."
+def best(rows: list[dict], grid: dict = SWEEP) -> dict:
+    "The setting (the grid's axes) with the best validation mean (ties: fewer epochs, then the smaller learning rate)."
     top = max(rows, key=lambda r: (r["val_mean"], -r["epochs"], -r["learning_rate"]))
-    return {k: top[k] for k in ("learning_rate", "epochs", "cap")}
+    return {k: top[k] for k in grid}
 
 
 # --- variants -------------------------------------------------------------------------------------------------------
@@ -284,6 +289,43 @@ def run_variants(cfg, config_path: str, names: list[str], seeds: list[int]) -> N
         model = train(cfg, config_path, name, records, tuned["learning_rate"], tuned["epochs"])
         res = evaluate(cfg, str(model), name, "test", cfg.evaluation.limit, seeds)
         print(f"{name}: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
+
+
+# --- the ceiling -----------------------------------------------------------------------------------------------------
+# A reference row, not a method variant: the base student fine-tuned on the benchmark's own train splits, written in
+# the evaluation's prompt format, about as many samples as the full corpus (an equal share from each dataset). Its
+# settings are chosen on validation as the corpus's are (on 1,000 of its samples), then it is scored on test.
+CEILING_SAMPLES = 3000
+CEILING_GRID = {"learning_rate": SWEEP["learning_rate"], "epochs": SWEEP["epochs"]}
+
+
+def ceiling_records(cfg, n: int = CEILING_SAMPLES) -> list[dict]:
+    "`n` SentiBench train examples (n / datasets from each evaluated dataset) as training records, shuffled."
+    e, rng = cfg.evaluation, np.random.default_rng(cfg.run.seed)
+    names = resolve_datasets(e.datasets)
+    recs = [r for d in names for r in benchmark_train_records(d, n // len(names), e.shots, cfg.run.seed, e.max_chars)]
+    return [recs[i] for i in rng.permutation(len(recs))]
+
+
+def ceiling_point(cfg, config_path: str, setting: dict) -> dict:
+    "Train the ceiling's sweep samples with `setting` and score on validation: one row of ceiling_sweep.json."
+    name = f"ceiling_lr{setting['learning_rate']:g}_ep{setting['epochs']:g}"
+    records = ceiling_records(cfg, SWEEP_SAMPLES)
+    model = train(cfg, config_path, name, records, setting["learning_rate"], setting["epochs"])
+    res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
+    print(f"{name}: val mean {res['mean']:.2f}", flush=True)
+    return {"name": name, **setting, "samples": len(records), "steps": card["steps"],
+            "final_loss": round(card["final_loss"], 4), "train_seconds": card["seconds"], "val_mean": round(res["mean"], 2)}
+
+
+def run_ceiling(cfg, config_path: str, seeds: list[int]) -> dict:
+    "The ceiling: its settings chosen on validation, then trained on `CEILING_SAMPLES` and scored on test."
+    chosen = sweep(cfg, config_path, CEILING_GRID, lambda s: ceiling_point(cfg, config_path, s),
+                   "ceiling_sweep.json")["chosen"]
+    model = train(cfg, config_path, "ceiling", ceiling_records(cfg), chosen["learning_rate"], chosen["epochs"])
+    res = evaluate(cfg, str(model), "ceiling", "test", cfg.evaluation.limit, seeds)
+    print(f"ceiling: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
+    return res
 
 
 # --- summary --------------------------------------------------------------------------------------------------------
@@ -406,7 +448,7 @@ def macro_f1_of(cfg, dataset: str, seed: int, preds: list[str], split: str = "te
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["corpus", "sweep", "variants", "teacher", "summary"])
+    ap.add_argument("command", choices=["corpus", "sweep", "variants", "ceiling", "teacher", "summary"])
     ap.add_argument("--config", default="configs/replication.yaml")
     ap.add_argument("--only", default="", help="variants: comma-separated names (default: all, and the learning curve)")
     ap.add_argument("--seeds", help="comma-separated evaluation seeds (default: the config's)")
@@ -432,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; known: base_student, {', '.join(VARIANTS)}, "
                      "full_<n>")
         run_variants(cfg, a.config, names, seeds)
+    elif a.command == "ceiling":
+        run_ceiling(cfg, a.config, seeds)
     elif a.command == "teacher":
         datasets = a.datasets.split(",") if a.datasets else None
         evaluate(cfg, cfg.teacher.model, "teacher", "test", cfg.evaluation.limit, seeds, "llamacpp", datasets)
