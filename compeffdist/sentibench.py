@@ -759,17 +759,38 @@ def load_results(out_dir: str | os.PathLike, split: str = "test") -> list[dict]:
     return sorted(out, key=lambda r: (rank.get(r["name"], len(rank)), r["name"]))
 
 
+def _seeds(r: dict) -> list[int]:
+    "The seeds a result has on every one of its datasets."
+    sets = [{int(s) for s in d.get("seeds", {})} for d in r["datasets"].values()]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def _mean_on(r: dict, seeds: list[int]) -> float:
+    "A result's mean (× 100) over its datasets, each the mean F1 of `seeds` only."
+    return 100 * _mean(_mean(d["seeds"][str(s)]["f1"] for s in seeds) for d in r["datasets"].values())
+
+
+def _seed_cell(r: dict) -> str:
+    more = sum(len(d.get("seeds", {})) > len(_seeds(r)) for d in r["datasets"].values())
+    return ", ".join(map(str, _seeds(r))) + (f" (more on {more} datasets)" if more else "")
+
+
 def results_table(results: Sequence[dict]) -> str:
-    "A markdown table: a row per model, a column per dataset (score = mean F1 over seeds × 100), then the mean."
+    """A markdown table: a row per model, a column per dataset (score = mean F1 over its seeds × 100), the mean, and
+    the seeds each row has; when rows differ in seeds, also the mean on the seeds every row shares."""
     names = [n for n in SENTIBENCH if any(n in r["datasets"] for r in results)]
-    head = "| model | " + " | ".join(SENTIBENCH[n].short for n in names) + " | mean |"
-    rows = [head, "|---" * (len(names) + 2) + "|"]
+    shared = sorted(set.intersection(*(set(_seeds(r)) for r in results))) if results else []
+    differ = len({tuple(_seeds(r)) for r in results}) > 1 or any("more" in _seed_cell(r) for r in results)
+    extra = [f"mean, seed{'s' * (len(shared) > 1)} {', '.join(map(str, shared))}"] if differ and shared else []
+    head = "| model | " + " | ".join([SENTIBENCH[n].short for n in names] + ["mean", *extra, "seeds"]) + " |"
+    rows = [head, "|---" * (len(names) + 3 + len(extra)) + "|"]
     for r in results:
         cells = [f"{r['datasets'][n]['score']:.1f}" if n in r["datasets"] else "–" for n in names]
-        rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['mean']:.1f} |")
+        cells += [f"{r['mean']:.1f}"] + ([f"{_mean_on(r, shared):.1f}"] if extra else []) + [_seed_cell(r)]
+        rows.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     p = results[0]["protocol"] if results else {}
     split = {"test": "test", "val": "validation"}.get(p.get("split", "test"), p.get("split"))
-    note = (f"\n\n{split} split, {p.get('shots')}-shot, seeds {p.get('seeds')}, "
+    note = (f"\n\n{split} split, {p.get('shots')}-shot, "
             + (f"first {p['limit']} {split} examples, " if p.get("limit") else "")
             + (f"texts cut to {p['max_chars']} chars, " if p.get("max_chars") else "")
             + ("fixed quirks" if p.get("fixed") else "reference protocol")) if results else ""
