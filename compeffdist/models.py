@@ -19,9 +19,11 @@ from pathlib import Path
 from .core import CompeffdistError, atomic_write, cache_dir
 
 # %% auto #0
-__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'VERIFIED', 'ModelRef', 'assemble_split_file',
-           'assemble_qwen_teacher', 'file_sha256', 'model_files', 'content_sha256', 'resolve_model', 'hf_model_path',
-           'pick_device', 'load_tokenizer', 'ref_revision', 'load_causal_lm', 'load_embedder', 'models_cli']
+__all__ = ['QWEN_PARTS', 'QWEN_FILE', 'QWEN_SIZE', 'QWEN_SHA256', 'ALIASES', 'VERIFIED', 'TEXT_KEY_MAPPING', 'GEMMA3_VOCAB',
+           'GEMMA3_EMBED_ROWS', 'GEMMA3_CHAT_TEMPLATE', 'ModelRef', 'assemble_split_file', 'assemble_qwen_teacher',
+           'file_sha256', 'model_files', 'content_sha256', 'resolve_model', 'hf_model_path', 'text_only_config',
+           'load_text_lm', 'pick_device', 'load_tokenizer', 'ref_revision', 'load_causal_lm', 'make_gemma3_tokenizer',
+           'make_tiny_gemma3', 'load_embedder', 'models_cli']
 
 # %% ../nbs/02_models.ipynb #f6d088b1
 @dataclass(frozen=True)
@@ -237,6 +239,46 @@ def hf_model_path(ref: ModelRef, dtype: str = "float32") -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
+# %% ../nbs/02_models.ipynb #cc848268
+TEXT_KEY_MAPPING = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                    r"^language_model\.lm_head\.": "lm_head."}
+
+
+def text_only_config(path: str, revision: str | None = None):
+    """The text configuration to load a multimodal checkpoint with, when its text part has a causal-LM class of its
+    own (Gemma-3 4B and larger: `Gemma3ForCausalLM`); None for a text model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cfg = AutoConfig.from_pretrained(path, revision=revision)
+    text = cfg.get_text_config(decoder=True)
+    if text is cfg or getattr(cfg, "vision_config", None) is None:
+        return None
+    return text if text.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
+def load_text_lm(path: str, revision: str | None = None, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, ...)`, text-only: a multimodal checkpoint whose text part has a
+    causal-LM class (Gemma-3) loads as that class from its text weights, without the vision tower; a text weight
+    missing from the checkpoint is an error, never a random initialisation."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    text = text_only_config(path, revision)
+    if text is None:
+        return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists every vision weight left unread
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, revision=revision, config=text,
+                                                           key_mapping=TEXT_KEY_MAPPING, output_loading_info=True,
+                                                           **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise CompeffdistError(f"{path}: the text weights of this {type(model).__name__} checkpoint were not found "
+                               f"({len(missing)} missing, e.g. {missing[0]})")
+    return model
+
 # %% ../nbs/02_models.ipynb #da25ab4c
 def _torch_dtype(dtype: str, device: str):
     import torch
@@ -269,14 +311,74 @@ def ref_revision(ref: ModelRef) -> str | None:
 
 
 def load_causal_lm(spec: str | ModelRef, dtype: str = "auto", device: str = "auto", **kwargs):
-    "Load `(model, tokenizer)` for any model spec, in eval mode, on `device`; left padding."
-    from transformers import AutoModelForCausalLM
+    "Load `(model, tokenizer)` for any model spec (text-only, `load_text_lm`), in eval mode, on `device`; left padding."
     ref = spec if isinstance(spec, ModelRef) else resolve_model(spec)
     device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(hf_model_path(ref), dtype=_torch_dtype(dtype, device),
-                                                 revision=ref_revision(ref), **kwargs).to(device)
+    model = load_text_lm(hf_model_path(ref), revision=ref_revision(ref), dtype=_torch_dtype(dtype, device),
+                         **kwargs).to(device)
     model.eval()
     return model, load_tokenizer(ref)
+
+# %% ../nbs/02_models.ipynb #fa218e0c
+GEMMA3_VOCAB = 262_144  # the Gemma-3 tokenizer's tokens
+GEMMA3_EMBED_ROWS = 262_208  # rows of the published checkpoints' embedding (and output layer)
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] | trim + '\\n\\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set first = '' %}{% endif %}"
+    "{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def make_gemma3_tokenizer(dest: str | os.PathLike, like: str = "smollm2-135m-instruct"):
+    """A tokenizer of Gemma-3's size (262,144 tokens) written to `dest`: the byte-level BPE of `like`, filled up with
+    unused tokens to 262,144, Gemma's special tokens (`<bos>`, `<eos>`, `<pad>`, `<start_of_turn>`, `<end_of_turn>`)
+    and a chat template of Gemma-3's form. A stand-in where the real tokenizer cannot be downloaded."""
+    import json
+    from transformers import AutoTokenizer
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    src = Path(hf_model_path(resolve_model(like)))
+    spec = json.loads((src / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    free = GEMMA3_VOCAB - len(special)
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), free)})
+    spec["added_tokens"] = [{"id": free + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(special)]
+    spec["post_processor"] = None
+    (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": None, "add_bos_token": False, "chat_template": GEMMA3_CHAT_TEMPLATE}))
+    tok = AutoTokenizer.from_pretrained(dest)
+    assert len(tok) == GEMMA3_VOCAB, len(tok)
+    return tok
+
+
+def make_tiny_gemma3(dest: str | os.PathLike, hidden: int = 64, layers: int = 6, seed: int = 0) -> Path:
+    """Write a random, shrunken Gemma-3 multimodal checkpoint (`Gemma3ForConditionalGeneration`, as gemma-3-4b-it is
+    published: text weights under `language_model.`, a vision tower beside them) to `dest`: the real architecture
+    (sliding-window layers with a global one every sixth, QK norms, tied output layer), the real embedding size and
+    a tokenizer of the real vocabulary size, `hidden` wide and `layers` deep. Returns `dest`."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    dest = Path(dest)
+    if (dest / "config.json").is_file():
+        return dest
+    tok = make_gemma3_tokenizer(dest)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"),
+                                                         ("eot", "<end_of_turn>"))}
+    text = dict(vocab_size=GEMMA3_EMBED_ROWS, hidden_size=hidden, intermediate_size=4 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                query_pre_attn_scalar=hidden // 4, sliding_window=64, max_position_embeddings=8192,
+                bos_token_id=ids["bos"], eos_token_id=[ids["eos"], ids["eot"]], pad_token_id=ids["pad"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, bos_token_id=ids["bos"],
+                       eos_token_id=[ids["eos"], ids["eot"]], pad_token_id=ids["pad"])
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(dest)
+    return dest
 
 # %% ../nbs/02_models.ipynb #25de9171
 def load_embedder(spec: str = "all-minilm-l6-v2", device: str = "cpu"):

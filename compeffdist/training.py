@@ -185,9 +185,9 @@ def save_student(trainer, dest: str | os.PathLike, lora: bool = False, base: dic
         trainer.save_model(str(adapter))
         if trainer.is_world_process_zero():
             from peft import PeftModel
-            from transformers import AutoModelForCausalLM
+            from compeffdist.models import load_text_lm
             with _peft_quiet():
-                merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(**base), str(adapter))
+                merged = PeftModel.from_pretrained(load_text_lm(**base), str(adapter))
             merged = merged.merge_and_unload()
             merged.config.use_cache = True
             merged.save_pretrained(dest)
@@ -256,15 +256,15 @@ def resume_point(work: Path, key: str) -> str | None:
     return str(whole[-1]) if whole else None
 
 
+
 # %% ../nbs/17_training.ipynb #88ff9d3a
 def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir: str | os.PathLike,
                   cfg: TrainingConfig = TrainingConfig(), student: ModelConfig | None = None,
                   progress: bool = True, extra_card: dict | None = None) -> dict:
     "Fine-tune `model` on `instruction`/`output` records; write model, tokenizer and `card.json` to `out_dir`."
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
-    from compeffdist.models import hf_model_path, load_tokenizer, pick_device, ref_revision, resolve_model
+    from compeffdist.models import hf_model_path, load_text_lm, load_tokenizer, pick_device, ref_revision, resolve_model
     student = student or ModelConfig(model=model)
     records, source = load_records(data)
     ref, device = resolve_model(model, student.revision), pick_device(student.device)
@@ -275,10 +275,10 @@ def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir:
     resume = resume_point(work, stable_hash([ref.identity, student.dtype, cfg.model_dump(mode="json"), data_hash(records)]))
     args = sft_args(cfg, work, device, progress)
     gpus = one_gpu_per_process(args)
-    base = {"pretrained_model_name_or_path": hf_model_path(ref), "dtype": _model_dtype(student.dtype, device),
+    base = {"path": hf_model_path(ref), "dtype": _model_dtype(student.dtype, device),
             "revision": ref_revision(ref)}
     attn = attention_implementation(device, base["dtype"], student.options.get("attn_implementation"))
-    net = AutoModelForCausalLM.from_pretrained(**base, attn_implementation=attn)
+    net = load_text_lm(**base, attn_implementation=attn)  # text-only: a Gemma-3 student without its vision tower
     net.config.use_cache = False
     with _peft_quiet():
         trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
