@@ -261,7 +261,7 @@ def run_stage(ctx: RunContext, step: Step, fn: Callable) -> dict:
     return ctx.store.finish(s.name, stats, fingerprint=step.fingerprint, seconds=round(seconds, 3),
                             outputs=files, config=config)
 
-# %% ../nbs/19_pipeline.ipynb #7dd01d05
+# %% ../nbs/19_pipeline.ipynb #1e308e4d
 @contextmanager
 def run_lock(root: Path):
     "Hold an exclusive lock on a run folder for the life of the block (released by the OS if the process dies)."
@@ -279,7 +279,7 @@ def run_lock(root: Path):
     finally:
         f.close()
 
-
+# %% ../nbs/19_pipeline.ipynb #510c6f5d
 def _log(store: RunStore, line: str, echo: Callable | None):
     if launch_rank()[0] != 0:  # one log for a distributed launch
         return
@@ -297,7 +297,7 @@ def _teacher_line(m: dict) -> str:
     return (f"; teacher {t['misses']} generated, {t['hits']} from cache, {t['completion_tokens']} tokens "
             f"in {t['seconds']:.0f}s")
 
-
+# %% ../nbs/19_pipeline.ipynb #2accfc0a
 def write_run_files(store: RunStore, cfg: Config) -> None:
     "The resolved config (`config.yaml`) and `run.json` (name, config hash, package versions) of the run."
     with atomic_write(store.root / "config.yaml") as f:
