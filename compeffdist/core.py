@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastcore.basics import patch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
 __all__ = ['PACKAGES', 'CompeffdistError', 'cache_dir', 'Section', 'DecodingConfig', 'ModelConfig', 'EmbedderConfig',
            'SourceConfig', 'DataConfig', 'RunConfig', 'AttributesConfig', 'ClusteringConfig', 'InstructionsConfig',
            'PairingConfig', 'ResponsesConfig', 'TrainingConfig', 'WarmupConfig', 'ProxyConfig', 'DifficultyConfig',
            'SamplingConfig', 'EvaluationConfig', 'Config', 'parse_config', 'load_config', 'stable_hash', 'config_hash',
-           'section_hash', 'atomic_write', 'write_jsonl', 'read_jsonl', 'write_json', 'read_json', 'StageStats',
-           'package_versions', 'RunStore', 'seed_everything']
+           'atomic_write', 'write_jsonl', 'read_jsonl', 'write_json', 'read_json', 'StageStats', 'package_versions',
+           'RunStore', 'seed_everything']
 
 # %% ../nbs/00_core.ipynb #dc7bf6d8
 class CompeffdistError(Exception):
@@ -189,7 +190,12 @@ class ResponsesConfig(Section):
 class TrainingConfig(Section):
     """17_training: TRL SFTTrainer. Defaults are the authors' recipe: full fine-tuning, 4 epochs, AdamW at 5e-5
     with weight decay 0.1 and betas (0.9, 0.999), a cosine schedule without warm-up, clipping at 1.0, packed
-    sequences of at most 2,048 tokens, 8 x 8 sequences a step per device, bf16, activation checkpointing."""
+    sequences of at most 2,048 tokens, 8 x 8 sequences a step per device, bf16, activation checkpointing.
+
+    The batch of an optimiser step: `batch_tokens` (tokens over all processes; the authors' 128 packed rows of 2,048
+    tokens are 262,144) or `batch_samples` (samples over all processes, for padded batches); the gradient
+    accumulation is then derived from the number of processes, so the step does not change with the GPU count.
+    Without either, each process accumulates `gradient_accumulation_steps` batches."""
     epochs: float = Field(4, gt=0)
     max_steps: int = -1
     learning_rate: float = Field(5e-5, gt=0)
@@ -201,8 +207,10 @@ class TrainingConfig(Section):
     max_grad_norm: float = 1.0
     max_length: int = Field(2048, ge=16)
     per_device_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(8, ge=1)
-    packing: bool = True
+    gradient_accumulation_steps: int = Field(8, ge=1)  # used when batch_tokens and batch_samples are unset
+    batch_tokens: int | None = Field(None, ge=1)  # tokens per optimiser step, over all processes
+    batch_samples: int | None = Field(None, ge=1)  # samples per optimiser step, over all processes (padded batches)
+    packing: bool = True  # packed rows need a varlen attention kernel (flash-attention); else padded batches
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -213,6 +221,12 @@ class TrainingConfig(Section):
     save_steps: int | None = Field(None, ge=1)  # a checkpoint every N optimiser steps: a killed training resumes there
     logging_steps: int = 10
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _one_batch_unit(self):
+        if self.batch_tokens is not None and self.batch_samples is not None:
+            raise ValueError("give batch_tokens or batch_samples, not both")
+        return self
 
 
 class WarmupConfig(Section):
@@ -341,12 +355,6 @@ def config_hash(cfg: Config) -> str:
     "Hash of the whole config."
     return stable_hash(cfg.model_dump(mode="json"))
 
-
-def section_hash(cfg: Config, *sections: str) -> str:
-    "Hash of some sections of the config (e.g. `section_hash(cfg, 'teacher', 'attributes')`)."
-    dump = cfg.model_dump(mode="json")
-    return stable_hash({s: dump[s] for s in sections})
-
 # %% ../nbs/00_core.ipynb #5f715059
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
@@ -452,7 +460,7 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError: pass
     return out
 
-
+# %% ../nbs/00_core.ipynb #f91629ff
 class RunStore:
     "A run folder: one sub-folder per stage, each finished stage marked by its `manifest.json`."
 
@@ -471,32 +479,43 @@ class RunStore:
         d.mkdir(parents=True, exist_ok=True)
         return d / name if name else d
 
-    def manifest(self, stage: str) -> dict | None:
-        "The stage's manifest, or None if it has not finished."
-        p = self.root / stage / "manifest.json"
-        return read_json(p) if p.is_file() else None
+# %% ../nbs/00_core.ipynb #40bd5fa2
+@patch
+def finish(self: RunStore, stage: str, stats: StageStats, fingerprint: str = "", seconds: float | None = None,
+           outputs: Iterable[str] = (), config: dict | None = None) -> dict:
+    "Write the stage's manifest (last, atomically): fingerprint, stats, outputs, timing, versions."
+    m = {"stage": stage, "fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "seconds": seconds, "outputs": sorted(outputs), "stats": stats.to_dict(),
+         "config": config or {}, "versions": package_versions()}
+    write_json(self.root / stage / "manifest.json", m)
+    return m
 
-    def is_done(self, stage: str, fingerprint: str | None = None) -> bool:
-        "True if `stage` finished (with this fingerprint, when given)."
-        m = self.manifest(stage)
-        return m is not None and (fingerprint is None or m.get("fingerprint") == fingerprint)
+# %% ../nbs/00_core.ipynb #378b6d95
+@patch
+def manifest(self: RunStore, stage: str) -> dict | None:
+    "The stage's manifest, or None if it has not finished."
+    p = self.root / stage / "manifest.json"
+    return read_json(p) if p.is_file() else None
 
-    def finish(self, stage: str, stats: StageStats, fingerprint: str = "", seconds: float | None = None,
-               outputs: Iterable[str] = (), config: dict | None = None) -> dict:
-        "Write the stage's manifest (last, atomically): fingerprint, stats, outputs, timing, versions."
-        m = {"stage": stage, "fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "seconds": seconds, "outputs": sorted(outputs), "stats": stats.to_dict(),
-             "config": config or {}, "versions": package_versions()}
-        write_json(self.root / stage / "manifest.json", m)
-        return m
 
-    def invalidate(self, stage: str) -> None:
-        "Mark a stage unfinished (its outputs stay on disk until it is rerun)."
-        (self.root / stage / "manifest.json").unlink(missing_ok=True)
+@patch
+def is_done(self: RunStore, stage: str, fingerprint: str | None = None) -> bool:
+    "True if `stage` finished (with this fingerprint, when given)."
+    m = self.manifest(stage)
+    return m is not None and (fingerprint is None or m.get("fingerprint") == fingerprint)
 
-    def stats(self, stage: str) -> StageStats | None:
-        m = self.manifest(stage)
-        return StageStats.from_dict(m["stats"]) if m else None
+
+@patch
+def stats(self: RunStore, stage: str) -> StageStats | None:
+    "The statistics of a finished stage (None if it has not finished)."
+    m = self.manifest(stage)
+    return StageStats.from_dict(m["stats"]) if m else None
+
+# %% ../nbs/00_core.ipynb #26ed1d42
+@patch
+def invalidate(self: RunStore, stage: str) -> None:
+    "Mark a stage unfinished (its outputs stay on disk until it is rerun)."
+    (self.root / stage / "manifest.json").unlink(missing_ok=True)
 
 # %% ../nbs/00_core.ipynb #862de9c7
 def seed_everything(seed: int) -> None:
