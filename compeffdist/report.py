@@ -18,9 +18,10 @@ import yaml
 from .core import CompeffdistError, read_json
 
 # %% auto #0
-__all__ = ['count_records', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows', 'cache_summary', 'model_rows',
-           'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores', 'plot_difficulty', 'plot_sampling',
-           'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html', 'write_report']
+__all__ = ['TEACHER_KEYS', 'TEACHER_COLUMNS', 'count_records', 'load_run', 'flow_rows', 'decontamination_rows', 'teacher_rows',
+           'cache_summary', 'model_rows', 'card_rows', 'artefact_rows', 'plot_flow', 'difficulty_scores',
+           'plot_difficulty', 'plot_sampling', 'markdown_table_blocks', 'build_report', 'to_markdown', 'to_html',
+           'write_report']
 
 # %% ../nbs/19a_report.ipynb #49c4dcab
 def count_records(path: Path) -> int | None:
@@ -97,21 +98,27 @@ def decontamination_rows(run: dict) -> list[list]:
     return [[n, got.get(n, 0)] for n in names]
 
 
+TEACHER_KEYS = ("misses", "hits", "errors", "loops", "prompt_tokens", "prompt_evaluated", "prompt_reused",
+                "completion_tokens", "seconds")
+TEACHER_COLUMNS = ["stage", "generated", "from cache", "failed", "stopped in a loop", "prompt tokens",
+                   "prompt tokens evaluated", "prompt tokens reused", "completion tokens", "seconds", "tokens/s"]
+
+
 def teacher_rows(run: dict) -> list[list]:
-    "Per stage that called the teacher: calls generated / from cache / failed, tokens, seconds, tokens/s."
+    """Per stage that called the teacher (`TEACHER_COLUMNS`): calls generated / from cache / failed / stopped in a
+    loop, prompt tokens (and, where the engine says, how many it evaluated and reused from a slot's cache),
+    completion tokens, seconds, tokens/s; then the total."""
     rows, tot = [], Counter()
     for name, st in run["stages"].items():
         t = ((st["manifest"] or {}).get("stats", {}).get("info", {}) or {}).get("teacher")
         if not t:
             continue
-        keys = ("misses", "hits", "errors", "prompt_tokens", "completion_tokens", "seconds")
-        tot.update({k: t.get(k, 0) for k in keys})
-        rows.append([name] + [t.get(k, 0) if k != "seconds" else round(t.get(k, 0), 1) for k in keys]
+        tot.update({k: t.get(k) or 0 for k in TEACHER_KEYS})
+        rows.append([name] + [round(t.get(k) or 0, 1) if k == "seconds" else t.get(k) or 0 for k in TEACHER_KEYS]
                     + [t.get("tokens_per_s", 0)])
     if rows:
         tps = round(tot["completion_tokens"] / tot["seconds"], 2) if tot["seconds"] else 0
-        rows.append(["**total**"] + [tot[k] if k != "seconds" else round(tot[k], 1) for k in
-                                     ("misses", "hits", "errors", "prompt_tokens", "completion_tokens", "seconds")] + [tps])
+        rows.append(["**total**"] + [round(tot[k], 1) if k == "seconds" else tot[k] for k in TEACHER_KEYS] + [tps])
     return rows
 
 
@@ -308,8 +315,7 @@ def _flow_blocks(run: dict, figs: Path) -> list:
 def _cost_blocks(run: dict) -> list:
     b = [("h", 2, "Teacher cost")]
     if rows := teacher_rows(run):
-        b.append(("table", ["stage", "generated", "from cache", "failed", "prompt tokens", "completion tokens",
-                            "seconds", "tokens/s"], rows))
+        b.append(("table", TEACHER_COLUMNS, rows))
     else:
         b.append(("p", "No teacher call was recorded."))
     if cache := cache_summary(run):
@@ -416,42 +422,39 @@ def to_markdown(blocks: list) -> str:
     return "\n\n".join(out) + "\n"
 
 # %% ../nbs/19a_report.ipynb #255c57f1
-def _inline(text) -> str:
-    t = html.escape(str(text))
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
-    return re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", t)
-
-
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}
 code,pre{background:#f6f8fa;font-size:.88em}pre{padding:.8em;overflow:auto}img{max-width:100%}
 h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
 
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css | safe }}</style></head><body>
+{% for part in parts %}{% if part.details %}<details><summary>{{ part.summary }}</summary><pre>{{ part.text }}</pre></details>
+{% else %}{{ part.html | safe }}{% endif %}{% endfor %}</body></html>
+"""
+
+
+def _md_part(blocks: list, root: Path) -> dict:
+    "Blocks rendered by markdown-it-py (images as data URIs)."
+    from markdown_it import MarkdownIt
+    data = lambda p: "data:image/png;base64," + base64.b64encode((root / p).read_bytes()).decode()
+    blocks = [("img", data(b[1]), b[2]) if b[0] == "img" else b for b in blocks]
+    return {"html": MarkdownIt("commonmark", {"html": False}).enable("table").render(to_markdown(blocks))}
+
 
 def to_html(blocks: list, root: str | Path) -> str:
     "Render report blocks as one self-contained HTML page (images embedded)."
-    root, body = Path(root), []
+    from jinja2 import Environment
+    root, parts, run = Path(root), [], []
+    for b in blocks + [("end",)]:
+        if b[0] in ("details", "end"):
+            if run: parts.append(_md_part(run, root)); run = []
+            if b[0] == "details": parts.append({"details": True, "summary": b[1], "text": b[2]})
+        else:
+            run.append(b)
     title = next((b[2] for b in blocks if b[0] == "h"), "COMPEFFDIST run report")
-    for b in blocks:
-        kind = b[0]
-        if kind == "h": body.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
-        elif kind == "p": body.append(f"<p>{_inline(b[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
-            head = f"<thead><tr>{head}</tr></thead>" if any(str(h) for h in b[1]) else ""
-            rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>" for r in b[2])
-            body.append(f"<table>{head}<tbody>{rows}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((root / b[1]).read_bytes()).decode()
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b[2])}">'
-                        f"<figcaption>{_inline(b[2])}</figcaption></figure>")
-        elif kind == "code": body.append(f"<pre><code>{html.escape(b[1])}</code></pre>")
-        elif kind == "details":
-            body.append(f"<details><summary>{html.escape(b[1])}</summary><pre>{html.escape(b[2])}</pre></details>")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return Environment(autoescape=True).from_string(_PAGE).render(title=title, css=_CSS, parts=parts)
 
 # %% ../nbs/19a_report.ipynb #fe5abc69
 def write_report(root: str | Path, stages: list) -> Path:

@@ -49,3 +49,19 @@ def test_coverage_section_before_the_difficulty_stage(tmp_path):
     section = md[md.index("## What the corpus teaches"):md.index("## Difficulty")]
     assert f"{len(recs)} samples (`responses/samples.jsonl`)" in section and "(words)" in section
     assert "| x-task | scale_mismatch |" in section and "| x-task | answers_outside_scale | 1 of 1 answers |" in section
+
+
+def test_teacher_cost_shows_the_prompt_tokens_reused_and_the_loops(tmp_path):
+    "A stage whose engine reported prompt tokens evaluated and reused, and loops stopped, has them in its row."
+    import json
+    root = tmp_path / "demo_run"
+    shutil.copytree(FIXTURE, root)
+    m = json.loads((root / "responses" / "manifest.json").read_text())
+    m["stats"]["info"]["teacher"].update(prompt_evaluated=900, prompt_reused=300, loops=2)
+    (root / "responses" / "manifest.json").write_text(json.dumps(m))
+    from compeffdist.pipeline import STAGES
+    md = write_report(root, STAGES).read_text()
+    t = m["stats"]["info"]["teacher"]
+    row = next(l for l in md.splitlines() if l.startswith("| responses |") and "900" in l)
+    assert row.startswith(f"| responses | {t['misses']} | {t['hits']} | {t['errors']} | 2 | {t['prompt_tokens']} | 900 | 300 |")
+    assert "| prompt tokens evaluated | prompt tokens reused |" in md
