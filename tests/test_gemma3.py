@@ -48,14 +48,25 @@ def test_text_weights_that_are_not_found_raise(gemma, tmp_path):
         load_text_lm(str(tmp_path / "m"))
 
 
-def test_a_shrunken_gemma3_trains_through_train_student(gemma, tmp_path):
+def test_a_shrunken_gemma3_trains_through_train_student(gemma, tmp_path, monkeypatch):
+    """A few SFT steps; the loss never builds the whole logits (TRL's fused LM head reads the output layer's weight
+    in tiles and never calls the layer itself: at a 262K vocabulary the logits of a packed batch are tens of GB)."""
     from safetensors import safe_open
+    import compeffdist.models as models
     from compeffdist.training import train_student
+    head_calls, load = [], models.load_text_lm
+
+    def counting_load(*args, **kw):
+        net = load(*args, **kw)
+        net.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+        return net
+    monkeypatch.setattr(models, "load_text_lm", counting_load)
     cfg = TrainingConfig(max_steps=3, learning_rate=1e-3, per_device_batch_size=4, gradient_accumulation_steps=1,
                          max_length=128, packing=False, gradient_checkpointing=True, logging_steps=1)
     card = train_student(str(gemma), records(12), tmp_path / "out", cfg,
                          ModelConfig(model=str(gemma), device="cpu", dtype="float32"), progress=False)
     assert card["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in card["loss_history"])
+    assert head_calls == []  # three steps of training, and no whole-logits forward of the output layer
     out = tmp_path / "out"
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == ["Gemma3ForCausalLM"] and saved["model_type"] == "gemma3_text"
