@@ -131,10 +131,11 @@ def test_validation_summary_pairs_each_sweep_student_with_the_base_student(senti
 def test_sweep_and_variants_need_the_scored_corpus_that_corpus_keeps(tmp_path, monkeypatch):
     "`corpus` copies the run's scored corpus into the results folder, which the sweep and the variants train on."
     import yaml
-    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(replicate, "SCORED", tmp_path / "results" / "scored.jsonl")
+    monkeypatch.setattr(replicate, "RESULTS", replicate.RESULTS)  # main() moves them to the config's results folder
+    monkeypatch.setattr(replicate, "SCORED", replicate.SCORED)
     data = yaml.safe_load((ROOT / "configs" / "replication.yaml").read_text())
     data["run"]["out"] = str(tmp_path / "run")
+    data["run"]["calls_jsonl"] = str(tmp_path / "results" / "teacher_calls.jsonl")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(SystemExit, match="scored.jsonl missing.*--until difficulty"):
@@ -337,3 +338,12 @@ def test_ceiling_settings_are_chosen_on_validation_in_their_own_sweep(tmp_path, 
     out = replicate.sweep(None, "", replicate.CEILING_GRID,
                           lambda st: {**st, "val_mean": score[(st["learning_rate"], st["epochs"])]}, "ceiling_sweep.json")
     assert out["chosen"] == {"learning_rate": 2e-4, "epochs": 1} and not (tmp_path / "sweep.json").exists()
+
+
+def test_each_replication_keeps_its_own_results_folder(monkeypatch):
+    "The folder of the config's committed call cache: v2's results/replication, v3's results/replication-paper."
+    monkeypatch.setattr(replicate, "RESULTS", replicate.RESULTS)
+    monkeypatch.setattr(replicate, "SCORED", replicate.SCORED)
+    for name, folder in (("replication-paper", "results/replication-paper"), ("replication", "results/replication")):
+        assert replicate.use_results(load_config(ROOT / "configs" / f"{name}.yaml")) == Path(folder)
+        assert replicate.SCORED == Path(folder) / "scored.jsonl"

@@ -48,8 +48,18 @@ from compeffdist.sentibench import (benchmark_train_records, build_examples, pre
                                     result_path)
 from compeffdist.training import data_hash
 
-RESULTS = Path("results/replication")
+RESULTS = Path("results/replication")  # the results folder of the config in use (`use_results`)
 SCORED = RESULTS / "scored.jsonl"  # the scored corpus, which the sweep and the variants train on (committed)
+
+
+def use_results(cfg) -> Path:
+    """Work in the results folder of `cfg`: the folder of its committed call cache (`run.calls_jsonl`), so that each
+    replication (`configs/replication.yaml`, `configs/replication-paper.yaml`) keeps its own results."""
+    global RESULTS, SCORED
+    if cfg.run.calls_jsonl:
+        RESULTS = Path(cfg.run.calls_jsonl).parent
+        SCORED = RESULTS / "scored.jsonl"
+    return RESULTS
 VAL = {"split": "val", "limit": 100, "seeds": [42]}  # where settings are chosen
 # Sampled variants: (method, rate). `full` is every sample of the (length-capped) corpus.
 VARIANTS = {"full": ("random", 1.0)} | {f"{m}_{int(100 * r)}": ("soft" if m == "difficulty" else "random", r)
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "(default: the config's student.device)")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, {"student.device": a.device} if a.device else None)
+    use_results(cfg)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else cfg.evaluation.seeds
     if a.command in ("sweep", "variants") and not SCORED.is_file():
         sys.exit(f"error: {SCORED} missing: run `compeffdist run --config {a.config} --until difficulty`, "
