@@ -6,6 +6,7 @@ pairs, loss on the completion only, full fine-tuning or LoRA, CPU or GPU, one GP
 # %% ../nbs/17_training.ipynb #d570e189
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -18,9 +19,10 @@ from .core import (CompeffdistError, ModelConfig, StageStats, TrainingConfig, pa
                               read_jsonl, stable_hash, write_json)
 
 # %% auto #0
-__all__ = ['load_records', 'data_hash', 'render_chat', 'tokenize_records', 'cpu_has_bf16', 'sft_args', 'one_gpu_per_process',
-           'attention_implementation', 'check_full_save', 'save_student', 'release_memory', 'resume_point',
-           'train_student', 'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
+__all__ = ['log', 'load_records', 'data_hash', 'render_chat', 'tokenize_records', 'cpu_has_bf16', 'sft_args',
+           'one_gpu_per_process', 'attention_implementation', 'varlen_attention', 'packing_plan', 'world_size',
+           'batch_plan', 'check_full_save', 'save_student', 'release_memory', 'resume_point', 'train_student',
+           'completion_loss', 'warmup_subset', 'run_warmup', 'run_training', 'train_cli']
 
 # %% ../nbs/17_training.ipynb #57c27b6c
 def load_records(data: Sequence[dict] | str | os.PathLike) -> tuple[list[dict], str]:
@@ -149,6 +151,56 @@ def attention_implementation(device: str, dtype, override: str | None = None) ->
             return "flash_attention_2"
     return "sdpa"
 
+# %% ../nbs/17_training.ipynb #cc8da4c4
+log = logging.getLogger("compeffdist.training")
+
+
+def varlen_attention(attn: str) -> bool:
+    "Whether an attention implementation reads packed samples' boundaries itself (a FlashAttention kernel)."
+    return attn in ("flash_attention_2", "flash_attention_3") or "flash" in attn.lower()
+
+
+def packing_plan(cfg: TrainingConfig, attn: str) -> dict:
+    "Packing as asked and as it runs with the attention kernel `attn`: packed rows only with a variable-length kernel."
+    if not cfg.packing:
+        return {"asked": False, "used": False, "reason": None}
+    if varlen_attention(attn):
+        return {"asked": True, "used": True, "reason": None}
+    return {"asked": True, "used": False,
+            "reason": f"no variable-length attention kernel (attention: {attn}): padded batches grouped by length "
+                      "instead of packed rows; on a GPU, install flash-attn to pack"}
+
+# %% ../nbs/17_training.ipynb #05ae7793
+def world_size() -> int:
+    "Processes of this training (`WORLD_SIZE`, set by accelerate launch and torchrun; 1 in a plain process)."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_plan(cfg: TrainingConfig, packing: bool, world: int, mean_tokens: float | None = None) -> dict:
+    """Gradient accumulation for `world` processes so that an optimiser step holds the configured batch (packed rows
+    when `packing`, else samples averaging `mean_tokens` tokens); and the step's size."""
+    per = cfg.per_device_batch_size * world  # rows or samples in one forward pass over all processes
+    unit = "rows" if packing else "samples"
+    plan = {"unit": unit, "batch_tokens": cfg.batch_tokens, "batch_samples": cfg.batch_samples,
+            "per_device": cfg.per_device_batch_size, "processes": world}
+    if cfg.batch_tokens is None and cfg.batch_samples is None:
+        acc = cfg.gradient_accumulation_steps
+    elif packing and cfg.batch_samples is not None:
+        raise CompeffdistError("batch_samples counts samples, and packed rows hold several: give batch_tokens "
+                               "(tokens per optimiser step), or packing: false")
+    elif packing or cfg.batch_samples is not None:
+        want = cfg.batch_tokens / cfg.max_length if packing else cfg.batch_samples
+        what = (f"batch_tokens {cfg.batch_tokens} ({want:g} rows of max_length {cfg.max_length})" if packing
+                else f"batch_samples {cfg.batch_samples}")
+        if want != int(want) or int(want) % per:
+            raise CompeffdistError(f"{what} is not a whole multiple of per_device_batch_size "
+                                   f"{cfg.per_device_batch_size} x {world} process(es): change per_device_batch_size")
+        acc = int(want) // per
+    else:
+        acc = max(1, round(cfg.batch_tokens / mean_tokens / per))
+    return {**plan, "accumulation": acc, "per_step": per * acc,
+            "tokens_per_step": per * acc * (cfg.max_length if packing else (mean_tokens or 0))}
+
 # %% ../nbs/17_training.ipynb #5f415afa
 def check_full_save(trainer) -> None:
     "Make `trainer.save_model` write one whole model: FSDP gathers a full state dict; ZeRO-3 must gather 16-bit weights."
@@ -273,11 +325,18 @@ def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir:
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
     resume = resume_point(work, stable_hash([ref.identity, student.dtype, cfg.model_dump(mode="json"), data_hash(records)]))
-    args = sft_args(cfg, work, device, progress)
-    gpus = one_gpu_per_process(args)
     base = {"path": hf_model_path(ref), "dtype": _model_dtype(student.dtype, device),
             "revision": ref_revision(ref)}
     attn = attention_implementation(device, base["dtype"], student.options.get("attn_implementation"))
+    packing = packing_plan(cfg, attn)
+    batch = batch_plan(cfg, packing["used"], world_size(), info["tokens"] / info["trained_samples"])
+    if packing["reason"] and _is_main_process():
+        log.warning("compeffdist training: packing asked, but %s", packing["reason"])
+    grouped = cfg.group_by_length if cfg.group_by_length is not None or not packing["reason"] else True
+    args = sft_args(cfg.model_copy(update={"packing": packing["used"], "group_by_length": grouped,
+                                           "gradient_accumulation_steps": batch["accumulation"]}),
+                    work, device, progress)
+    gpus = one_gpu_per_process(args)
     net = load_text_lm(**base, attn_implementation=attn)  # text-only: a Gemma-3 student without its vision tower
     net.config.use_cache = False
     with _peft_quiet():
@@ -289,7 +348,7 @@ def train_student(model: str, data: Sequence[dict] | str | os.PathLike, out_dir:
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     card = {**_card(model, ref, cfg, source, records, info, trainer, result, seconds, device, attn, gpus, resumed),
-            **(extra_card or {})}
+            "packing": packing, "batch": batch, **(extra_card or {})}
     save_student(trainer, work / "model", cfg.lora, base)
     if trainer.is_world_process_zero():
         write_json(work / "model" / "card.json", card)
@@ -370,7 +429,7 @@ def run_training(ctx) -> StageStats:
     stats.add("samples_trained", card["data"]["trained_samples"])
     stats.drop("too_long", card["data"]["dropped_too_long"])
     stats.info.update(final_loss=card["final_loss"], steps=card["steps"], seconds=card["seconds"],
-                      effective_batch=card["effective_batch"])
+                      effective_batch=card["effective_batch"], packing=card["packing"]["used"])
     return stats
 
 # %% ../nbs/17_training.ipynb #0de9ad05
@@ -388,7 +447,10 @@ def train_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="training seed (overrides training.seed)")
     ap.add_argument("--lr", type=float, dest="learning_rate")
     ap.add_argument("--batch-size", type=int, dest="per_device_batch_size")
-    ap.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
+    ap.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps",
+                    help="accumulation steps per process (replaces the config's batch_tokens / batch_samples)")
+    ap.add_argument("--batch-tokens", type=int, help="tokens per optimiser step over all processes")
+    ap.add_argument("--batch-samples", type=int, help="samples per optimiser step over all processes")
     ap.add_argument("--max-length", type=int)
     ap.add_argument("--save-steps", type=int, help="a checkpoint every N steps: a killed training resumes there")
     ap.add_argument("--lora", action="store_true", default=None)
@@ -402,7 +464,10 @@ def train_cli(argv: list[str] | None = None) -> int:
     student = cfg.student if cfg else ModelConfig(model=a.model or "smollm2-135m-instruct")
     student = student.model_copy(update={k: v for k, v in {"model": a.model, "device": a.device}.items() if v})
     over = {k: getattr(a, k) for k in ("epochs", "max_steps", "learning_rate", "per_device_batch_size",
-                                       "gradient_accumulation_steps", "max_length", "lora", "seed", "save_steps") if getattr(a, k) is not None}
+                                       "gradient_accumulation_steps", "max_length", "lora", "seed", "save_steps",
+                                       "batch_tokens", "batch_samples") if getattr(a, k) is not None}
+    if {"gradient_accumulation_steps", "batch_tokens", "batch_samples"} & set(over):  # the batch given here wins
+        over = {"batch_tokens": None, "batch_samples": None, **over}
     try:  # overrides are validated like the config
         tc = TrainingConfig.model_validate({**(cfg.training if cfg else TrainingConfig()).model_dump(), **over})
     except ValidationError as e:

@@ -3,6 +3,7 @@ that save through the trainer's own save path (LoRA merged by the main process),
 training run gives its memory back (models collected before the CUDA cache is emptied). Sharded saving (FSDP,
 ZeRO-3) and several GPUs in one process need GPUs."""
 import gc
+import os
 import json
 import subprocess
 import sys
@@ -88,3 +89,45 @@ def test_training_frees_its_models_before_emptying_the_cache(tmp_path, tiny, cud
     assert cuda_recorder and cuda_recorder[-1] == 0, cuda_recorder  # nothing alive when the cache is emptied
     deprecated = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
     assert not deprecated, deprecated
+
+
+def test_the_shipped_fsdp_config_launches_two_processes_with_the_stated_batch(tmp_path, tiny):
+    """`accelerate launch --config_file configs/accelerate-fsdp.yaml` on two CPU processes: the batch of a step is the
+    configured one (accumulation derived from the two processes) and one whole model is saved. Without GPUs accelerate
+    runs an FSDP config as plain data parallelism (the card's `distributed` says MULTI_CPU): the sharding itself
+    needs GPUs."""
+    write_jsonl(tmp_path / "data.jsonl", _records())
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cli = Path(sys.executable).with_name("compeffdist")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(accelerate), "launch", "--config_file", str(root / "configs" / "accelerate-fsdp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", str(cli), "train", "--data", "data.jsonl", "--out",
+           "model", "--model", str(tiny), "--device", "cpu", "--max-steps", "2", "--batch-size", "2",
+           "--batch-samples", "8", "--max-length", "64", "--lr", "1e-2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["world_size"] == 2 and card["distributed"] == "MULTI_CPU"
+    assert card["batch"]["accumulation"] == 2 and card["batch"]["per_step"] == card["effective_batch"] == 8
+    assert _weights(tiny).keys() == _weights(tmp_path / "model").keys()
+
+
+def test_the_shipped_zero3_config_saves_one_model():
+    "configs/accelerate-zero3.yaml as accelerate reads it gathers 16-bit weights on save, which check_full_save needs."
+    from types import SimpleNamespace
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+    from compeffdist.core import CompeffdistError
+    from compeffdist.training import check_full_save
+    root = Path(__file__).resolve().parents[1]
+    ds = load_config_from_file(str(root / "configs" / "accelerate-zero3.yaml")).deepspeed_config
+
+    def trainer(**over):
+        plugin = DeepSpeedPlugin(**{**ds, **over})
+        return SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=True,
+                               accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    assert ds["zero_stage"] == 3
+    check_full_save(trainer())
+    with pytest.raises(CompeffdistError, match="zero3_save_16bit_model"):
+        check_full_save(trainer(zero3_save_16bit_model=False))

@@ -145,3 +145,44 @@ def test_the_demo_runs_training_data_is_drawn_and_tokenised_again(tok):
     kept = read_jsonl(fx / "sampling" / "kept.jsonl")
     _, info = tokenize_records(tok, kept, cfg.training.max_length)
     assert {"source": "records", "hash": data_hash(kept), **info} == read_json(fx / "training" / "card.json")["data"]
+
+
+def test_the_batch_of_a_step_does_not_change_with_the_number_of_processes(monkeypatch):
+    "The paper's 262,144 tokens per step: 128 packed rows of 2,048 tokens on 1 to 16 processes (WORLD_SIZE faked)."
+    from compeffdist.training import batch_plan, world_size
+    cfg = TrainingConfig(batch_tokens=262_144, max_length=2048, per_device_batch_size=8)
+    for world in (1, 2, 4, 8, 16):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        plan = batch_plan(cfg, True, world_size())
+        assert plan["accumulation"] == 16 // world and plan["per_step"] == 128 and plan["tokens_per_step"] == 262_144
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(CompeffdistError, match="not a whole multiple of per_device_batch_size 8 x 3"):
+        batch_plan(cfg, True, world_size())
+    samples = cfg.model_copy(update={"batch_tokens": None, "batch_samples": 64})
+    assert [batch_plan(samples, False, w)["accumulation"] for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(CompeffdistError, match="packed rows hold several"):
+        batch_plan(samples, True, 1)
+    # padded batches from a token budget: as many samples as hold the tokens on average, in whole accumulation steps
+    assert batch_plan(cfg, False, 2, mean_tokens=512)["per_step"] == 512
+    with pytest.raises(ValueError, match="not both"):
+        TrainingConfig(batch_tokens=1024, batch_samples=8)
+
+
+def test_packing_falls_back_to_padded_batches_without_flash_attention(tmp_path, monkeypatch, caplog):
+    "On CPU (SDPA, no variable-length kernel) packing is not used: padded batches grouped by length, logged and carded."
+    import compeffdist.training as training
+    from compeffdist.pipeline import make_tiny_student
+    tiny = make_tiny_student(tmp_path / "tiny")
+    seen, sft_args = [], training.sft_args
+    monkeypatch.setattr(training, "sft_args", lambda *a, **k: seen.append(sft_args(*a, **k)) or seen[-1])
+    cfg = TrainingConfig(max_steps=2, per_device_batch_size=2, batch_samples=4, max_length=64, packing=True,
+                         gradient_checkpointing=False, logging_steps=1)
+    with caplog.at_level("WARNING", logger="compeffdist.training"):
+        card = train_student(str(tiny), records(12), tmp_path / "m", cfg,
+                             ModelConfig(model=str(tiny), device="cpu", dtype="float32"), progress=False)
+    assert card["attn_implementation"] == "sdpa" and card["steps"] == 2
+    assert card["packing"]["asked"] and not card["packing"]["used"] and "flash-attn" in card["packing"]["reason"]
+    assert any("packing asked, but no variable-length attention kernel" in r.message for r in caplog.records)
+    assert not seen[0].packing and not seen[0].padding_free and seen[0].train_sampling_strategy == "group_by_length"
+    assert card["batch"]["unit"] == "samples" and card["batch"]["accumulation"] == 2 and card["effective_batch"] == 4
+    assert card["config"]["packing"] is True  # the card keeps the config as given
