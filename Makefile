@@ -14,7 +14,7 @@ export COMPEFFDIST_PAPER_DATA ?= $(CURDIR)/data/paper
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench paper-data export system-deps
+.PHONY: install demo test test-fast test-slow test-vllm bench docs clean sentibench paper-data export system-deps gpu-wheels
 
 # the venv is reinstalled when the content of the dependency files changes, not their timestamps
 $(DEPS): pyproject.toml constraints.txt
@@ -89,6 +89,19 @@ test-vllm: $(VLLM_STAMP)
 bench: install
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/training.py
+
+# The wheels benchmarks/gpu_check.py needs beyond a GPU machine's image (benchmarks/gpu_wheels.txt), for Python 3.12 on
+# manylinux x86_64, into .gpu-wheels/ (ignored); refused above 64 MiB. On the GPU machine:
+#   pip install --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl && PYTHONPATH=/tmp/site:. python benchmarks/gpu_check.py
+GPU_WHEELS ?= .gpu-wheels
+PIP_DOWNLOAD := $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PY) -m pip)
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PIP_DOWNLOAD) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+	@ls $(GPU_WHEELS)/*.whl | wc -l | xargs printf '%s wheels, '
+	@du -cb $(GPU_WHEELS)/*.whl | tail -1 | awk '{ printf "%.1f MiB in $(GPU_WHEELS)\n", $$1 / 1048576; exit ($$1 > 64 * 1048576) }'
 
 docs: install system-deps
 	$(BIN)/python tools/build_docs.py
