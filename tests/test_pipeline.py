@@ -318,11 +318,11 @@ def test_report_counts_every_drop_by_reason(run, tmp_path):
         for reason, n in store.manifest(name)["stats"]["drops"].items():
             assert f"{reason}: {n}" in report, (name, reason)
     assert "| responses | 60 | 0 |" in report  # teacher cost: 60 generated, 0 from cache
-    for section in ("## Models", "## Data flow", "## Decontamination", "## Teacher cost", "## Difficulty",
-                    "## Sampling", "## SentiBench", "## Config", "## Artefacts"):
+    for section in ("## Models", "## Data flow", "## Decontamination", "## Teacher cost", "## What the corpus teaches",
+                    "## Difficulty", "## Sampling", "## SentiBench", "## Config", "## Artefacts"):
         assert section in report
     html = (tmp_path / "run" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # flow, difficulty, sampling
+    assert html.count("data:image/png;base64,") == 4  # flow, coverage, difficulty, sampling
 
 
 # --- the command line: errors are one line, exit status 2, and nothing finished is deleted ---------------
