@@ -291,18 +291,15 @@ def read_published_attributes(path) -> list[dict]:
 # %% ../nbs/10_attributes.ipynb #1c5eef17
 def attributes_from_published(ctx) -> StageStats:
     "Stage `attributes` from `attributes.published`: the list as it is (count > `min_count` if set), no teacher."
-    import hashlib
-    from compeffdist.data import published_path
+    from compeffdist.data import published_source
     cfg, stats = ctx.cfg.attributes, StageStats()
-    path = published_path(cfg.published, ctx.cfg.data.paper_data)
+    path, source = published_source(cfg.published, ctx.cfg.data.paper_data)
     attrs = read_published_attributes(path)
     kept = [a for a in attrs if cfg.min_count is None or a["count"] > cfg.min_count]
     stats.add("names_distinct", len(attrs)); stats.add("names_kept", len(kept))
     stats.add("mentions_kept", sum(a["count"] for a in kept))
     stats.drop("below_min_count", len(attrs) - len(kept))
-    stats.info.update(source={"published": cfg.published, "path": str(path),
-                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()},
-                      min_count_threshold=cfg.min_count, top_attributes={a["name"]: a["count"] for a in kept[:20]})
+    stats.info.update(source=source, min_count_threshold=cfg.min_count, top_attributes={a["name"]: a["count"] for a in kept[:20]})
     write_jsonl(ctx.store.path("attributes", "attributes.jsonl"), kept)
     return stats
 

@@ -243,10 +243,9 @@ def read_published_clusters(path) -> list[dict]:
 # %% ../nbs/11_clustering.ipynb #9777fa46
 def clusters_from_published(ctx) -> StageStats:
     "Stage `clustering` from `clustering.published`: the authors' clusters as they are."
-    import hashlib
-    from compeffdist.data import published_path
+    from compeffdist.data import published_source
     stats = StageStats()
-    path = published_path(ctx.cfg.clustering.published, ctx.cfg.data.paper_data)
+    path, source = published_source(ctx.cfg.clustering.published, ctx.cfg.data.paper_data)
     clusters = read_published_clusters(path)
     a2c = {a["name"]: c["cluster_id"] for c in clusters for a in c["attributes"]}
     ours = ctx.store.path("attributes", "attributes.jsonl")
@@ -254,8 +253,7 @@ def clusters_from_published(ctx) -> StageStats:
         names = [a["name"] for a in read_jsonl(ours)]
         stats.add("attributes_in", len(names)); stats.add("attributes_covered", sum(n in a2c for n in names))
     stats.add("clusters", len(clusters))
-    stats.info.update(method="published", source={"published": ctx.cfg.clustering.published, "path": str(path),
-                                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    stats.info.update(method="published", source=source)
     write_jsonl(ctx.store.path("clustering", "clusters.jsonl"), clusters)
     write_json(ctx.store.path("clustering", "attribute_to_cluster.json"), a2c)
     return stats

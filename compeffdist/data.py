@@ -26,8 +26,9 @@ from .core import CompeffdistError, DataConfig, SourceConfig, StageStats, atomic
 # %% auto #0
 __all__ = ['SENTIBENCH', 'SENTIBENCH_URL', 'PAPER_DATA_URL', 'PAPER_ATTRIBUTES', 'PAPER_CLUSTERS', 'PAPER_DATA_FILES',
            'SentiBenchDataset', 'sentibench_dataset', 'sentibench_root', 'load_sentibench', 'download_sentibench',
-           'paper_data_root', 'published_path', 'download_paper_data', 'normalise_for_match', 'clean_text', 'cut_text',
-           'text_id', 'sentibench_test_index', 'load_user_texts', 'run_texts', 'sentibench_cli', 'paper_data_cli']
+           'paper_data_root', 'published_path', 'published_source', 'download_paper_data', 'normalise_for_match',
+           'clean_text', 'cut_text', 'text_id', 'sentibench_test_index', 'load_user_texts', 'run_texts',
+           'sentibench_cli', 'paper_data_cli']
 
 # %% ../nbs/03_data.ipynb #62ad75df
 @dataclass(frozen=True)
@@ -156,6 +157,12 @@ def published_path(name: str, root: str | os.PathLike | None = None) -> Path:
     if not p.is_file():
         raise CompeffdistError(f"published file not found: {p}")
     return p
+
+
+def published_source(name: str, root: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    "The published file `name` and what a manifest says of it: the name given, the path read and its SHA-256."
+    p = published_path(name, root)
+    return p, {"published": name, "path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 # %% ../nbs/03_data.ipynb #ab0b1558
 def download_paper_data(dest: str | os.PathLike, url: str = PAPER_DATA_URL) -> Path:
