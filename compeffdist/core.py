@@ -77,7 +77,8 @@ class ModelConfig(Section):
     max_retries: int = Field(6, ge=0)  # openai
     tensor_parallel_size: int = Field(1, ge=1)  # vllm
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
-    chunk_size: int = Field(256, ge=1)  # vllm/openai: requests per cached chunk
+    data_parallel_size: int = Field(1, ge=1)  # hf/vllm: copies of the model, each in its process on its own GPUs
+    chunk_size: int = Field(256, ge=1)  # vllm: requests kept in vLLM's queue
     tokenizer: str | None = None  # vllm with a .gguf model: the tokenizer to use
     revision: str | None = None  # hub revision
     options: dict[str, Any] = {}  # anything else, passed to the engine's constructor

@@ -5,9 +5,11 @@
 # %% ../nbs/01_engines.ipynb #3572a817
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
+import queue
 import random
 import re
 import sqlite3
@@ -34,7 +36,8 @@ __all__ = ['Messages', 'LOOP_COPIES', 'LOOP_MIN_TOKENS', 'LOOP_MAX_PERIOD', 'LOO
            'key_params', 'request_key', 'CallCache', 'BudgetSpent', 'TeacherBudget', 'CallStats', 'CachedEngine',
            'schema_for_choice', 'json_ok', 'template_kwargs', 'strip_thinking', 'HFEngine', 'LlamaCppEngine',
            'OpenAIEngine', 'text_only_kwargs', 'VLLMEngine', 'shutdown_vllm', 'make_engine', 'open_engine',
-           'CachedEmbedder', 'RunContext', 'read_prompt_rows', 'row_messages', 'generate_cli']
+           'replica_devices', 'ReplicatedEngine', 'CachedEmbedder', 'RunContext', 'read_prompt_rows', 'row_messages',
+           'generate_cli']
 
 # %% ../nbs/01_engines.ipynb #0453072a
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
@@ -1020,6 +1023,7 @@ class VLLMEngine(Engine):
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length,
                             dtype=dtype, seed=seed, revision=revision, **kw)
         self.chunk_size, self.template_kwargs = chunk_size, template_kwargs(chat_template_kwargs)
+        self.streaming = hasattr(self.llm, "enqueue_chat")  # requests added as others finish (else whole chunks)
         self._vllm = vllm
 
 # %% ../nbs/01_engines.ipynb #58f8382c
@@ -1039,24 +1043,61 @@ def _sampling(self: VLLMEngine, params: SamplingParams, constraint: Constraint |
 
 
 @patch
+def _generations(self: VLLMEngine, out, params: SamplingParams) -> list[Generation]:
+    "One vLLM `RequestOutput` as `params.n` generations (a greedy request ran once and is repeated)."
+    cached = getattr(out, "num_cached_tokens", None)
+    gens = [Generation(t := self.answer_text(c.text), len(out.prompt_token_ids), len(c.token_ids),
+                       loop_finish(t, "length" if c.finish_reason == "length" else "stop", params),
+                       prompt_evaluated=None if cached is None else len(out.prompt_token_ids) - cached,
+                       prompt_reused=cached) for c in out.outputs]
+    return gens if len(gens) == params.n else [replace(gens[0]) for _ in range(params.n)]
+
+# %% ../nbs/01_engines.ipynb #faf4a961
+def _request_number(request_id: str) -> str:
+    "vLLM's request number: `enqueue_chat` returns `7-1a2b3c4d`, the finished output says `7`."
+    return str(request_id).split("-", 1)[0]
+
+
+@patch
+def _submit(self: VLLMEngine, batch, reqs, todo: range) -> dict[str, int]:
+    "Add the requests `todo` to vLLM's queue; their request numbers and batch positions."
+    ids = self.llm.enqueue_chat([list(batch[i]) for i in todo], [self._sampling(*reqs[i], batch[i]) for i in todo],
+                                use_tqdm=False, chat_template_kwargs=self.template_kwargs)
+    return {_request_number(r): i for r, i in zip(ids, todo)}
+
+
+@patch
 def generate_iter(self: VLLMEngine, batch, params, constraint=None):
     _check_batch(batch)
     reqs = per_request(batch, params, constraint)
+    if not self.streaming:
+        yield from self._chunks(batch, reqs); return
+    engine, flight, nxt = self.llm.llm_engine, {}, 0
+    try:
+        while True:
+            if not self.stop_requested and nxt < len(batch) and len(flight) < self.chunk_size:
+                todo = range(nxt, min(len(batch), nxt + self.chunk_size - len(flight)))
+                flight.update(self._submit(batch, reqs, todo)); nxt = todo.stop
+            if not flight: return
+            for out in engine.step():
+                if out.finished and (i := flight.pop(_request_number(out.request_id), None)) is not None:
+                    yield i, self._generations(out, reqs[i][0])
+    finally:
+        if flight: engine.abort_request(list(flight))  # the caller left early: free what it will not read
+
+
+@patch
+def _chunks(self: VLLMEngine, batch, reqs):
+    "Whole chunks through `llm.chat` (vLLM without `enqueue_chat`): each chunk waits for its longest answer."
     for s in range(0, len(batch), self.chunk_size):
         if self.stop_requested: return
         chunk = [list(m) for m in batch[s:s + self.chunk_size]]
         sps = [self._sampling(p, c, m) for m, (p, c) in zip(chunk, reqs[s:s + self.chunk_size])]
         outs = self.llm.chat(chunk, sps, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
         for j, o in enumerate(outs):
-            n = reqs[s + j][0].n
-            p, cached = reqs[s + j][0], getattr(o, "num_cached_tokens", None)
-            gens = [Generation(t := self.answer_text(c.text), len(o.prompt_token_ids), len(c.token_ids),
-                               loop_finish(t, "length" if c.finish_reason == "length" else "stop", p),
-                               prompt_evaluated=None if cached is None else len(o.prompt_token_ids) - cached,
-                               prompt_reused=cached) for c in o.outputs]
-            yield s + j, gens if len(gens) == n else [replace(gens[0]) for _ in range(n)]
+            yield s + j, self._generations(o, reqs[s + j][0])
 
-
+# %% ../nbs/01_engines.ipynb #c0df2cba
 def shutdown_vllm(llm) -> None:
     "Shut a vLLM `LLM`'s engine down (its worker processes and the GPU memory they hold); nothing if it has none."
     shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
@@ -1083,6 +1124,11 @@ ENGINES = {"hf": HFEngine, "llamacpp": LlamaCppEngine, "openai": OpenAIEngine, "
 def make_engine(cfg: ModelConfig) -> Engine:
     "Build the engine a `ModelConfig` describes (no cache)."
     c, o = cfg, {"chat_template_kwargs": cfg.chat_template_kwargs, **cfg.options}
+    if c.data_parallel_size > 1 and c.engine not in ("hf", "vllm"):
+        raise CompeffdistError(f"data_parallel_size applies to the hf and vllm engines, not {c.engine} "
+                               "(a server runs its own copies: e.g. `vllm serve --data-parallel-size N`)")
+    if c.data_parallel_size > 1:
+        return ReplicatedEngine(c)
     if c.engine == "hf":
         return HFEngine(c.model, dtype=c.dtype, device=c.device, batch_size=c.batch_size, revision=c.revision, **o)
     if c.engine == "llamacpp" and c.parallel > 1:
@@ -1105,6 +1151,143 @@ def open_engine(cfg: ModelConfig, cache: CallCache | str | os.PathLike | None, p
                 budget: TeacherBudget | None = None) -> CachedEngine:
     "Build the engine of `cfg` behind the durable call cache at `cache` (None: no cache, every call is made)."
     return CachedEngine(make_engine(cfg), cache, progress=progress, budget=budget)
+
+# %% ../nbs/01_engines.ipynb #072cd989
+def replica_devices(replicas: int, per_replica: int, visible: str | None = None, count: int = 0) -> list[str | None]:
+    """The `CUDA_VISIBLE_DEVICES` of each of `replicas` engine copies of `per_replica` GPUs: consecutive groups of
+    the visible GPUs (`visible`, a `CUDA_VISIBLE_DEVICES` value, else the first `count`). No GPU: `None` each."""
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    if not ids:
+        return [None] * replicas
+    if replicas * per_replica > len(ids):
+        raise CompeffdistError(f"data_parallel_size {replicas} x tensor_parallel_size {per_replica} needs "
+                               f"{replicas * per_replica} GPUs; {len(ids)} are visible")
+    return [",".join(ids[r * per_replica:(r + 1) * per_replica]) for r in range(replicas)]
+
+
+def _gpu_count() -> int:
+    "GPUs torch sees (0 without torch or CUDA); counts without starting CUDA in this process."
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+# %% ../nbs/01_engines.ipynb #e33445a5
+def _replica_main(cfg_json: str, devices: str | None, jobs, control, results, r: int):
+    "One engine copy: build the engine, then answer `(job, positions, batch, params, constraints)` until `None`."
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        engine = make_engine(ModelConfig.model_validate_json(cfg_json))
+    except BaseException as e:
+        results.put(("error", r, 0, f"{type(e).__name__}: {e}")); return
+    results.put(("ready", r, 0, engine.identity))
+    current = [0]
+    def listen():
+        for job in iter(control.get, None):
+            if job == current[0]: engine.request_stop()
+    threading.Thread(target=listen, daemon=True).start()
+    while (work := jobs.get()) is not None:
+        job, positions, batch, params, constraints = work
+        current[0], engine.stop_requested = job, False
+        try:
+            for j, gens in engine.generate_iter(batch, params, constraints):
+                results.put(("result", r, job, (positions[j], gens)))
+        except Exception as e:
+            results.put(("error", r, job, f"{type(e).__name__}: {e}"))
+        results.put(("done", r, job, None))
+    engine.close()
+
+# %% ../nbs/01_engines.ipynb #08d0c0e1
+class ReplicatedEngine(Engine):
+    "`cfg.data_parallel_size` copies of the engine `cfg` describes, each in its own process on its own GPUs."
+
+    def __init__(self, cfg: ModelConfig, start_timeout_s: float = 3600):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.name, self.ref, self.job, self.stop_requested = cfg.engine, resolve_model(cfg.model, cfg.revision), 0, False
+        one = cfg.model_copy(update={"data_parallel_size": 1}).model_dump_json()
+        per = cfg.tensor_parallel_size if cfg.engine == "vllm" else 1
+        devices = replica_devices(cfg.data_parallel_size, per, os.environ.get("CUDA_VISIBLE_DEVICES"), _gpu_count())
+        main = __import__("compeffdist.engines", fromlist=["_replica_main"])._replica_main  # importable in a notebook too
+        self.results, self.copies = ctx.Queue(), []
+        for r, dev in enumerate(devices):
+            jobs, control = ctx.Queue(), ctx.Queue()
+            p = ctx.Process(target=main, args=(one, dev, jobs, control, self.results, r), name=f"engine-copy-{r}")
+            p.start()
+            self.copies.append((p, jobs, control))
+        atexit.register(self.close)
+        try:
+            ids = {r: body for _, r, _, body in (self._next(start_timeout_s) for _ in devices)}
+        except BaseException:
+            self.close(); raise
+        if len(set(ids.values())) != 1:
+            self.close(); raise CompeffdistError(f"the engine copies load different models: {sorted(set(ids.values()))}")
+        self._identity = ids[0]
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+# %% ../nbs/01_engines.ipynb #0f591195
+@patch
+def _next(self: ReplicatedEngine, timeout_s: float | None = None):
+    "The next message from a copy (waiting at most `timeout_s`); an `error` or a copy that died raises."
+    t0 = time.monotonic()
+    while True:
+        try:
+            kind, r, job, body = self.results.get(timeout=5)
+        except queue.Empty:
+            if dead := [r for r, (p, _, _) in enumerate(self.copies) if not p.is_alive()]:
+                raise CompeffdistError(f"engine copy {dead[0]} exited (code {self.copies[dead[0]][0].exitcode})")
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise CompeffdistError(f"no engine copy answered in {timeout_s:.0f} s")
+            continue
+        if kind == "error":
+            raise CompeffdistError(f"engine copy {r}: {body}")
+        return kind, r, job, body
+
+
+@patch
+def generate_iter(self: ReplicatedEngine, batch, params, constraint=None):
+    _check_batch(batch)
+    reqs = per_request(batch, params, constraint)
+    self.job += 1
+    working = set()
+    for r, (_, jobs, _) in enumerate(self.copies):
+        share = list(range(r, len(batch), len(self.copies)))
+        if share:
+            jobs.put((self.job, share, [list(batch[i]) for i in share], [reqs[i][0] for i in share],
+                      [reqs[i][1] for i in share]))
+            working.add(r)
+    try:
+        while working:
+            kind, r, job, body = self._next()
+            if job != self.job: continue  # a late answer of a call its caller left early
+            if kind == "result": yield body
+            elif kind == "done": working.discard(r)
+    finally:
+        if working: self.request_stop()
+
+
+@patch
+def request_stop(self: ReplicatedEngine):
+    "Every copy finishes what it has in flight and starts nothing new."
+    self.stop_requested = True
+    for _, _, control in self.copies:
+        control.put(self.job)
+
+
+@patch
+def close(self: ReplicatedEngine):
+    "Stop every copy (each closes its engine, freeing its GPUs) and wait for the processes to end."
+    copies, self.copies = self.copies, []
+    for p, jobs, control in copies:
+        if p.is_alive(): jobs.put(None); control.put(None)
+    for p, _, _ in copies:
+        p.join(timeout=120)
+        if p.is_alive(): p.terminate(); p.join(timeout=10)
 
 # %% ../nbs/01_engines.ipynb #501f15f5
 class CachedEmbedder:

@@ -99,22 +99,76 @@ def test_behind_the_call_cache(engine, tmp_path):
 
 
 @needs_vllm
-def test_mixed_requests_go_in_one_chat_call_with_template_variables_and_seeds(engine, monkeypatch):
-    "Free, JSON and choice requests in one batch: one llm.chat call per chunk, a SamplingParams each."
+def test_mixed_requests_go_to_the_queue_together_with_template_variables_and_seeds(engine, monkeypatch):
+    "Free, JSON and choice requests in one batch: one enqueue_chat call, a SamplingParams each."
     calls = []
-    chat_fn = engine.llm.chat
+    enqueue = engine.llm.enqueue_chat
 
     def spy(messages, sampling_params, **kw):
         calls.append((len(messages), sampling_params, kw))
-        return chat_fn(messages, sampling_params, **kw)
+        return enqueue(messages, sampling_params, **kw)
 
-    monkeypatch.setattr(engine.llm, "chat", spy)
+    monkeypatch.setattr(engine.llm, "enqueue_chat", spy)
     batch = [chat("Say hello."), chat("Classify as JSON: I loved it."), chat("Positive or negative? Awful.")]
     cons = [None, Constraint(json_schema=SCHEMA), Constraint(choice=["positive", "negative"])]
     sampled = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)
     res = engine.generate(batch, [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=64), sampled], cons)
-    assert len(calls) == 1 and calls[0][0] == 3  # chunk_size 3: the whole batch in one call
+    assert len(calls) == 1 and calls[0][0] == 3  # chunk_size 3: the whole batch at once
     sps, kw = calls[0][1], calls[0][2]
     assert isinstance(sps, list) and len(sps) == 3 and sps[0].seed is None and sps[2].seed is not None
     assert kw["chat_template_kwargs"] == {"enable_thinking": False}
     assert res[1][0].text.lstrip().startswith("{") and res[2][0].text in ("positive", "negative")
+
+
+LONG_THEN_SHORT = [SamplingParams(max_new_tokens=48)] + [SamplingParams(max_new_tokens=2)] * 4
+
+
+@needs_vllm
+def test_the_queue_is_topped_up_as_answers_finish(engine, monkeypatch):
+    """chunk_size 3, one long request and four short ones: the two short requests beyond the first three join
+    the queue while the long one still decodes, so they finish before it (whole chunks would wait for it)."""
+    sizes = []
+    enqueue = engine.llm.enqueue_chat
+    monkeypatch.setattr(engine.llm, "enqueue_chat", lambda m, sp, **kw: sizes.append(len(m)) or enqueue(m, sp, **kw))
+    batch = [chat("Write a long story about a dragon and a knight.")] + [chat(f"Say {w}.") for w in "abcd"]
+    order = [i for i, _ in engine.generate_iter(batch, LONG_THEN_SHORT)]
+    assert sorted(order) == [0, 1, 2, 3, 4] and order.index(3) < order.index(0) and order.index(4) < order.index(0)
+    assert sizes[0] == 3 and sum(sizes) == 5 and len(sizes) > 1  # never more than chunk_size in flight
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
+@needs_vllm
+def test_whole_chunks_without_enqueue_and_a_stop_or_an_early_exit_loses_nothing_in_flight(engine, monkeypatch):
+    batch = [chat("Write a long story about a dragon and a knight.")] + [chat(f"Say {w}.") for w in "abcd"]
+    monkeypatch.setattr(engine, "streaming", False)  # vLLM without enqueue_chat: whole chunks through llm.chat
+    order = [i for i, _ in engine.generate_iter(batch, LONG_THEN_SHORT)]
+    assert order == [0, 1, 2, 3, 4]  # the second chunk starts after the first chunk's longest answer
+    monkeypatch.setattr(engine, "streaming", True)
+    got = []
+    for i, gens in engine.generate_iter(batch, LONG_THEN_SHORT):
+        got.append(i)
+        engine.request_stop()  # after the first answer: nothing new is submitted, what is in flight finishes
+    engine.stop_requested = False
+    assert len(got) == 3 and 0 in got  # the first three were in flight, the long one included
+    it = engine.generate_iter(batch, LONG_THEN_SHORT)
+    next(it); it.close()  # the caller leaves early: the requests still in flight are aborted
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
+@needs_vllm
+def test_two_copies_of_the_engine_answer_like_one(engine, tmp_path):
+    "data_parallel_size 2: two vLLM engines in their own processes; answers, identity and cache as one engine's."
+    cfg = ModelConfig(model="smollm2-135m-instruct", engine="vllm", context_length=1024, dtype="float32",
+                      gpu_memory_utilization=0.1, chunk_size=3, data_parallel_size=2,
+                      options={"enforce_eager": True})
+    batch = [chat(f"Name a {w}.") for w in ("colour", "fruit", "city", "river", "planet")]
+    params = SamplingParams(max_new_tokens=8)
+    one = [g[0].text for g in engine.generate(batch, params)]
+    copies = make_engine(cfg)
+    try:
+        assert copies.identity == engine.identity and len(copies.copies) == 2
+        cached = CachedEngine(copies, tmp_path / "calls.sqlite", progress=False)
+        assert [g[0].text for g in cached.generate(batch, params)] == one
+        assert cached.cache.summary()[engine.identity]["calls"] == 5
+    finally:
+        copies.close()
