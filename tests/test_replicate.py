@@ -347,3 +347,32 @@ def test_each_replication_keeps_its_own_results_folder(monkeypatch):
     for name, folder in (("replication-paper", "results/replication-paper"), ("replication", "results/replication")):
         assert replicate.use_results(load_config(ROOT / "configs" / f"{name}.yaml")) == Path(folder)
         assert replicate.SCORED == Path(folder) / "scored.jsonl"
+
+
+def test_reuse_copies_the_rows_a_corpus_does_not_change_and_refuses_others(sentibench_root, tmp_path, monkeypatch):
+    "v3 takes v2's base student and teacher (same weights, same protocol) byte for byte; anything else is refused."
+    committed = ROOT / "results" / "replication"
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "v3")
+    cfg = load_config(ROOT / "configs" / "replication-paper.yaml")
+    assert replicate.reuse(cfg, committed, ["base_student", "teacher"]) == ["base_student", "teacher"]
+    for name in ("base_student", "teacher"):
+        assert result_path(tmp_path / "v3" / "evals" / "test", name).read_bytes() == \
+            result_path(committed / "evals" / "test", name).read_bytes()
+    cells = replicate.scored_cells(cfg)
+    monkeypatch.setattr(replicate, "RESULTS", committed)
+    v2 = replicate.scored_cells(cfg)
+    assert set(cells) == {"base_student", "teacher"} and all(cells[m] == v2[m] for m in cells)
+    with pytest.raises(replicate.CompeffdistError, match="depends on the corpus"):
+        replicate.reuse(cfg, committed, ["full"])
+    other = tmp_path / "other"  # the same files, scored with another number of examples
+    shutil.copytree(committed / "evals" / "test" / "predictions" / "base_student",
+                    other / "evals" / "test" / "predictions" / "base_student")
+    res = json.loads(result_path(committed / "evals" / "test", "base_student").read_text())
+    res["protocol"]["limit"] = 100
+    write_json(result_path(other / "evals" / "test", "base_student"), res)
+    with pytest.raises(replicate.CompeffdistError, match="scored with"):
+        replicate.reuse(cfg, other, ["base_student"])
+    res["protocol"]["limit"], res["identity"] = 200, "smollm2-135m-instruct@1-000000000000"
+    write_json(result_path(other / "evals" / "test", "base_student"), res)
+    with pytest.raises(replicate.CompeffdistError, match="this config's base_student is"):
+        replicate.reuse(cfg, other, ["base_student"])

@@ -18,6 +18,9 @@ the same machine.
                                                          # the evaluation's prompt format): settings on validation,
                                                          # then test; a reference row, not a method variant
     python tools/replicate.py teacher --datasets sc/sst2  # the teacher on test, a dataset at a time
+    python tools/replicate.py reuse --config configs/replication-paper.yaml --from results/replication
+                                                         # the base student's and the teacher's evaluations of
+                                                         # another replication (same weights, same protocol)
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
                                                          # (and summary.val.json: the sweep against the base student)
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -340,6 +344,40 @@ def run_ceiling(cfg, config_path: str, seeds: list[int]) -> dict:
 
 # --- summary --------------------------------------------------------------------------------------------------------
 
+REUSABLE = {"base_student": "student", "teacher": "teacher"}  # rows a corpus does not change, and their config section
+
+
+def reuse(cfg, source: Path, names: list[str], split: str = "test") -> list[str]:
+    """Copy the evaluations `names` (of `REUSABLE`) from another replication's results folder `source` into this
+    config's, when they scored the same weights (by content) with this config's protocol on every dataset it
+    evaluates: the untrained student and the teacher do not depend on the corpus, so v3 need not score them again.
+    The copies keep the source's results and predictions byte for byte; this folder's summary then stands alone."""
+    e = cfg.evaluation
+    want = {"split": split, "shots": e.shots, "limit": protocol(cfg, split)["limit"], "max_chars": e.max_chars,
+            "fixed": e.fixed}
+    out = RESULTS / "evals" / split
+    for name in names:
+        src = result_path(source / "evals" / split, name, split)
+        if name not in REUSABLE:
+            raise CompeffdistError(f"{name} depends on the corpus; reusable: {', '.join(REUSABLE)}")
+        if not src.is_file():
+            raise CompeffdistError(f"{src} missing: no evaluation of {name} to reuse")
+        res, model = read_json(src), getattr(cfg, REUSABLE[name]).model
+        if res["identity"] != (identity := resolve_model(model).identity):
+            raise CompeffdistError(f"{src} scored {res['identity']}; this config's {name} is {identity}")
+        if (got := {k: res["protocol"].get(k) for k in want}) != want:
+            raise CompeffdistError(f"{src} was scored with {got}; this config scores with {want}")
+        if missing := sorted(set(resolve_datasets(e.datasets)) - set(res["datasets"])):
+            raise CompeffdistError(f"{src} has no scores on {', '.join(missing)}")
+        for d, entry in res["datasets"].items():
+            for s in entry["seeds"]:
+                dst = prediction_path(out, name, d, int(s), split)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(prediction_path(source / "evals" / split, name, d, int(s), split), dst)
+        shutil.copyfile(src, result_path(out, name, split))
+    return names
+
+
 def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
     "Macro-F1 over the labels seen in gold or pred (sklearn's `f1_score(average='macro', zero_division=0)`)."
     tp = np.bincount(gold[gold == pred], minlength=n_labels)
@@ -458,11 +496,12 @@ def macro_f1_of(cfg, dataset: str, seed: int, preds: list[str], split: str = "te
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["corpus", "sweep", "variants", "ceiling", "teacher", "summary"])
+    ap.add_argument("command", choices=["corpus", "sweep", "variants", "ceiling", "teacher", "reuse", "summary"])
     ap.add_argument("--config", default="configs/replication.yaml")
     ap.add_argument("--only", default="", help="variants: comma-separated names (default: all, and the learning curve)")
     ap.add_argument("--seeds", help="comma-separated evaluation seeds (default: the config's)")
     ap.add_argument("--datasets", help="teacher: comma-separated datasets (default: the config's)")
+    ap.add_argument("--from", dest="source", help="reuse: another replication's results folder, e.g. results/replication")
     ap.add_argument("--device", help="sweep, variants: where the students train and are scored, e.g. cuda "
                                      "(default: the config's student.device)")
     a = ap.parse_args(argv)
@@ -490,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "teacher":
         datasets = a.datasets.split(",") if a.datasets else None
         evaluate(cfg, cfg.teacher.model, "teacher", "test", cfg.evaluation.limit, seeds, "llamacpp", datasets)
+    elif a.command == "reuse":
+        if not a.source:
+            sys.exit("error: reuse needs --from, another replication's results folder")
+        names = [n for n in a.only.split(",") if n] or list(REUSABLE)
+        print(f"copied from {a.source}: {', '.join(reuse(cfg, Path(a.source), names))}")
     else:
         for split in ("val", "test"):
             summary = summarise(cfg, split)
