@@ -1190,6 +1190,8 @@ def _replica_main(cfg_json: str, devices: str | None, jobs, control, results, r:
     threading.Thread(target=listen, daemon=True).start()
     while (work := jobs.get()) is not None:
         job, positions, batch, params, constraints = work
+        params = [SamplingParams(**p) for p in params]  # sent as dicts: the caller's classes may live in a notebook
+        constraints = [None if c is None else Constraint(**c) for c in constraints]
         current[0], engine.stop_requested = job, False
         try:
             for j, gens in engine.generate_iter(batch, params, constraints):
@@ -1258,8 +1260,8 @@ def generate_iter(self: ReplicatedEngine, batch, params, constraint=None):
     for r, (_, jobs, _) in enumerate(self.copies):
         share = list(range(r, len(batch), len(self.copies)))
         if share:
-            jobs.put((self.job, share, [list(batch[i]) for i in share], [reqs[i][0] for i in share],
-                      [reqs[i][1] for i in share]))
+            jobs.put((self.job, share, [list(batch[i]) for i in share], [asdict(reqs[i][0]) for i in share],
+                      [None if reqs[i][1] is None else reqs[i][1].to_dict() for i in share]))
             working.add(r)
     try:
         while working:

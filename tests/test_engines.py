@@ -189,3 +189,41 @@ def test_teacher_writes_schema_valid_json_and_picks_choices():
                        constraint=Constraint(choice=("positive", "negative")))
     assert [g.text for (g,) in res] == ["negative", "positive"]
     eng.close()
+
+
+# ---------------------------------------------------------------- data-parallel copies
+
+def test_copies_answer_like_one_engine_behind_the_cache_and_stop_together(tmp_path):
+    """Two hf copies of the student in their own processes: answers as one engine gives them, stored by the parent
+    under the one engine's identity; a stop request reaches both copies (each finishes what it has in flight)."""
+    from compeffdist.engines import CachedEngine
+    batch = [chat(f"Name a {w}.") for w in ("colour", "fruit", "city", "river", "planet", "tree", "bird", "month")]
+    params = SamplingParams(max_new_tokens=6)
+    one = HFEngine(STUDENT, device="cpu", dtype="float32", batch_size=1)
+    want = [g[0].text for g in one.generate(batch, params)]
+    cfg = ModelConfig(model=STUDENT, engine="hf", device="cpu", dtype="float32", batch_size=1, data_parallel_size=2)
+    copies = make_engine(cfg)
+    try:
+        assert copies.identity == one.identity and len(copies.copies) == 2
+        got = []
+        for i, _ in copies.generate_iter(batch, params):
+            got.append(i)
+            copies.request_stop()
+        assert 1 <= len(got) < len(batch)  # each copy finished the request it had started, then nothing new
+        cached = CachedEngine(copies, tmp_path / "calls.sqlite", progress=False)
+        assert [g[0].text for g in cached.generate(batch, params)] == want  # the next call runs every request
+        assert [g[0].text for g in cached.generate(batch, params)] == want
+        assert (cached.stats.misses, cached.stats.hits) == (len(batch), len(batch))
+        assert cached.cache.summary()[one.identity]["calls"] == len(batch)
+    finally:
+        copies.close(); one.close()
+    assert not copies.copies  # the processes are gone
+
+
+def test_a_copy_that_cannot_start_is_a_one_line_error(tmp_path):
+    cfg = ModelConfig(model=str(tmp_path / "missing-model"), engine="hf", device="cpu", data_parallel_size=2)
+    with pytest.raises(CompeffdistError) as e:
+        make_engine(cfg)
+    assert "missing-model" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CompeffdistError, match="applies to the hf and vllm engines"):
+        make_engine(ModelConfig(model=STUDENT, engine="llamacpp", data_parallel_size=2))
