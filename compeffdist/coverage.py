@@ -14,8 +14,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['instruction_text', 'answer_tokens', 'kind_table', 'perspective_table', 'normalise_label', 'target_label_spaces',
-           'label_coverage', 'closed_vocabularies', 'ranges_named', 'flagged_instructions', 'corpus_coverage',
-           'plot_coverage', 'run_coverage']
+           'label_coverage', 'closed_vocabularies', 'task_label_coverage', 'ranges_named', 'flagged_instructions',
+           'corpus_coverage', 'plot_coverage', 'run_coverage']
 
 # %% ../nbs/16a_coverage.ipynb #aea2b911
 def instruction_text(record: dict) -> str:
@@ -98,6 +98,14 @@ def closed_vocabularies(records: list[dict]) -> list[dict]:
         rows.append({"instruction": iid, "labels": " / ".join(labels), "samples": len(rs),
                      "outside": sum(normalise_label(r.get("output", "")) not in own for r in rs)})
     return sorted(rows, key=lambda x: -x["samples"])
+
+# %% ../nbs/16a_coverage.ipynb #dcb1f25c
+def task_label_coverage(instructions: list[dict], spaces: dict[str, set[str]]) -> list[dict]:
+    "Rows per target label space: its labels, the closed tasks holding every one of them (`all`), and some (`some`)."
+    closed = [{normalise_label(l) for l in (r.get("output_format") or {}).get("labels") or []} for r in instructions]
+    closed = [c for c in closed if c]
+    return [{"dataset": d, "labels": " / ".join(sorted(s)), "all": sum(s <= c for c in closed),
+             "some": sum(bool(s & c) for c in closed), "closed_tasks": len(closed)} for d, s in spaces.items()]
 
 # %% ../nbs/16a_coverage.ipynb #d4f5baf7
 _RANGE = re.compile(r"(?:from|between|of|\()\s*(\d+(?:\.\d+)?)\s*(?:-|–|to|and)\s*(\d+(?:\.\d+)?)|"
