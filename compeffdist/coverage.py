@@ -15,7 +15,7 @@ import numpy as np
 # %% auto #0
 __all__ = ['instruction_text', 'answer_tokens', 'kind_table', 'perspective_table', 'normalise_label', 'target_label_spaces',
            'label_coverage', 'closed_vocabularies', 'task_label_coverage', 'ranges_named', 'flagged_instructions',
-           'corpus_coverage', 'plot_coverage', 'run_coverage']
+           'corpus_coverage', 'plot_coverage', 'run_label_spaces', 'run_coverage', 'run_task_coverage']
 
 # %% ../nbs/16a_coverage.ipynb #aea2b911
 def instruction_text(record: dict) -> str:
@@ -209,23 +209,38 @@ def plot_coverage(cov: dict, title: str = ""):
     return fig
 
 # %% ../nbs/16a_coverage.ipynb #adfd0b34
-def run_coverage(root) -> dict | None:
-    "`corpus_coverage` of a run folder (None when it has no corpus yet)."
+def run_label_spaces(root) -> dict[str, set[str]]:
+    "The target label spaces of a run folder's config: `evaluation.coverage_labels`, else its datasets' labels."
     from pathlib import Path
     import yaml
-    from compeffdist.core import read_jsonl
     root = Path(root)
-    corpus = next((p for p in (root / "difficulty" / "scored.jsonl", root / "responses" / "samples.jsonl")
-                   if p.is_file()), None)
-    if corpus is None: return None
     cfg = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) if (root / "config.yaml").is_file() else {}
     ev = (cfg or {}).get("evaluation") or {}
     datasets = ev.get("datasets") or "all"
     if datasets == "all":
         from compeffdist.data import SENTIBENCH
         datasets = list(SENTIBENCH)
+    return target_label_spaces(datasets, ev.get("coverage_labels"))
+
+
+def run_coverage(root) -> dict | None:
+    "`corpus_coverage` of a run folder (None when it has no corpus yet)."
+    from pathlib import Path
+    from compeffdist.core import read_jsonl
+    root = Path(root)
+    corpus = next((p for p in (root / "difficulty" / "scored.jsonl", root / "responses" / "samples.jsonl")
+                   if p.is_file()), None)
+    if corpus is None: return None
     clusters = root / "clustering" / "clusters.jsonl"
     cov = corpus_coverage(read_jsonl(corpus), read_jsonl(clusters) if clusters.is_file() else None,
-                          target_label_spaces(datasets, ev.get("coverage_labels")))
+                          run_label_spaces(root))
     cov["corpus"] = str(corpus.relative_to(root))
     return cov
+
+
+def run_task_coverage(root) -> list[dict] | None:
+    "`task_label_coverage` of a run folder's instructions (None before the instructions stage has run)."
+    from pathlib import Path
+    from compeffdist.core import read_jsonl
+    path = Path(root) / "instructions" / "instructions.jsonl"
+    return task_label_coverage(read_jsonl(path), run_label_spaces(root)) if path.is_file() else None

@@ -366,10 +366,20 @@ def _source_line(run: dict) -> str:
             f"{said('clustering', 'our clustering of those names')}.")
 
 
+def _task_blocks(run: dict) -> list:
+    "Per target dataset, the closed tasks among the run's instructions that can answer it (none before they exist)."
+    from compeffdist.coverage import run_task_coverage
+    if not (tasks := run_task_coverage(run["root"])): return []
+    return [("p", f"Of the {tasks[0]['closed_tasks']} closed tasks among the instructions, those whose labels hold "
+                  "all of a target dataset's labels (they can answer it), and those that hold some:"),
+            ("table", ["target dataset", "labels", "closed tasks with all its labels", "with some"],
+             [[t["dataset"], t["labels"], t["all"], t["some"]] for t in tasks])]
+
+
 def _coverage_blocks(run: dict, figs: Path) -> list:
     from compeffdist.coverage import plot_coverage, run_coverage
     b, cov = [("h", 2, "What the corpus teaches"), ("p", _source_line(run))], run_coverage(run["root"])
-    if cov is None: return b + [("p", "The responses stage has not run.")]
+    if cov is None: return b + _task_blocks(run) + [("p", "The responses stage has not run.")]
     s, lab = cov["summary"], cov["labels"]
     b.append(("p", f"{s['samples']} samples (`{cov['corpus']}`) of {s['instructions']} instructions from "
                    f"{s['perspectives']} perspectives. Analysis answers hold {s['analysis_token_share']:.1%} of the "
@@ -379,6 +389,7 @@ def _coverage_blocks(run: dict, figs: Path) -> list:
               [[k["kind"], k["task_type"], k["samples"], k["tokens"], f"{k['token_share']:.1%}", k["median"], k["p90"],
                 k["max"]] for k in cov["kinds"]]))
     b.append(("table", ["target dataset", "task answers in its label space"], list(map(list, lab["per_dataset"].items()))))
+    b += _task_blocks(run)
     b.append(("table", ["perspective", "top attributes", "instructions", "samples", "answer tokens"],
               [list(p.values()) for p in cov["perspectives"][:30]]))
     if cov["closed"]:

@@ -51,6 +51,26 @@ def test_coverage_section_before_the_difficulty_stage(tmp_path):
     assert "| x-task | scale_mismatch |" in section and "| x-task | answers_outside_scale | 1 of 1 answers |" in section
 
 
+def test_coverage_section_of_a_run_with_instructions_only(tmp_path):
+    "Before the teacher answers, the section says which target datasets the closed tasks can answer."
+    root = tmp_path / "demo_run"
+    shutil.copytree(FIXTURE, root)
+    for stage in ("pairing", "responses", "warmup", "difficulty", "sampling", "training", "evaluation"):
+        shutil.rmtree(root / stage)
+    from compeffdist.core import read_jsonl, write_jsonl
+    ins = read_jsonl(root / "instructions" / "instructions.jsonl")
+    task = next(r for r in ins if r["kind"] == "task")
+    ins.append({**task, "id": "x-task", "output_format": {"labels": ["Positive", "negative", "neutral", "mixed"]}})
+    write_jsonl(root / "instructions" / "instructions.jsonl", ins)
+    from compeffdist.pipeline import STAGES
+    md = write_report(root, STAGES).read_text()
+    section = md[md.index("## What the corpus teaches"):]
+    section = section[:section.index("\n## ", 1)]
+    closed = sum(bool((r.get("output_format") or {}).get("labels")) for r in ins)
+    assert f"Of the {closed} closed tasks among the instructions" in section
+    assert "| sc/twitter | negative / neutral / positive | 1 |" in section and "The responses stage has not run." in section
+
+
 def test_teacher_cost_shows_the_prompt_tokens_reused_and_the_loops(tmp_path):
     "A stage whose engine reported prompt tokens evaluated and reused, and loops stopped, has them in its row."
     import json
