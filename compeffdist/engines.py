@@ -1174,6 +1174,10 @@ def _gpu_count() -> int:
         return 0
 
 # %% ../nbs/01_engines.ipynb #e33445a5
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _replica_main(cfg_json: str, devices: str | None, jobs, control, results, r: int):
     "One engine copy: build the engine, then answer `(job, positions, batch, params, constraints)` until `None`."
     if devices is not None:
@@ -1181,7 +1185,7 @@ def _replica_main(cfg_json: str, devices: str | None, jobs, control, results, r:
     try:
         engine = make_engine(ModelConfig.model_validate_json(cfg_json))
     except BaseException as e:
-        results.put(("error", r, 0, f"{type(e).__name__}: {e}")); return
+        results.put(("error", r, 0, _one_line(e))); return
     results.put(("ready", r, 0, engine.identity))
     current = [0]
     def listen():
@@ -1197,7 +1201,7 @@ def _replica_main(cfg_json: str, devices: str | None, jobs, control, results, r:
             for j, gens in engine.generate_iter(batch, params, constraints):
                 results.put(("result", r, job, (positions[j], gens)))
         except Exception as e:
-            results.put(("error", r, job, f"{type(e).__name__}: {e}"))
+            results.put(("error", r, job, _one_line(e)))
         results.put(("done", r, job, None))
     engine.close()
 

@@ -225,5 +225,9 @@ def test_a_copy_that_cannot_start_is_a_one_line_error(tmp_path):
     with pytest.raises(CompeffdistError) as e:
         make_engine(cfg)
     assert "missing-model" in str(e.value) and "\n" not in str(e.value)
+    bad = ModelConfig(model=STUDENT, engine="hf", device="cpu", data_parallel_size=2, options={"no_such_option": 1})
+    with pytest.raises(CompeffdistError, match=r"^engine copy \d: TypeError: .*no_such_option") as e:
+        make_engine(bad)  # the copies' own error, from their processes
+    assert "\n" not in str(e.value)
     with pytest.raises(CompeffdistError, match="applies to the hf and vllm engines"):
         make_engine(ModelConfig(model=STUDENT, engine="llamacpp", data_parallel_size=2))
