@@ -102,9 +102,8 @@ def stage_function(stage: Stage) -> Callable:
     return fn
 
 # %% ../nbs/19_pipeline.ipynb #5b4964cf
-_RUNTIME_ONLY = {"data": {"sentibench"},
-                 "teacher": {"n_threads", "max_concurrency", "timeout_s", "max_retries", "api_key_env", "base_url"},
-                 "student": {"n_threads", "max_concurrency", "timeout_s", "max_retries", "api_key_env", "base_url"}}
+_HOW_IT_RUNS = {"n_threads", "max_concurrency", "timeout_s", "max_retries", "api_key_env", "base_url", "data_parallel_size"}
+_RUNTIME_ONLY = {"data": {"sentibench"}, "teacher": _HOW_IT_RUNS, "student": _HOW_IT_RUNS}
 
 
 def _set_options(d: dict) -> dict:
