@@ -1239,7 +1239,7 @@ class ReplicatedEngine(Engine):
 # %% ../nbs/01_engines.ipynb #0f591195
 @patch
 def _next(self: ReplicatedEngine, timeout_s: float | None = None):
-    "The next message from a copy (waiting at most `timeout_s`); an `error` or a copy that died raises."
+    "The next message from a copy (waiting at most `timeout_s`); an error of this call or a dead copy raises."
     t0 = time.monotonic()
     while True:
         try:
@@ -1250,7 +1250,7 @@ def _next(self: ReplicatedEngine, timeout_s: float | None = None):
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise CompeffdistError(f"no engine copy answered in {timeout_s:.0f} s")
             continue
-        if kind == "error":
+        if kind == "error" and job in (0, self.job):
             raise CompeffdistError(f"engine copy {r}: {body}")
         return kind, r, job, body
 
