@@ -46,7 +46,8 @@ def test_variants_sample_the_share_they_name():
 def _fake_evaluation(out: Path, name: str, cfg, datasets, seeds, right: float, rng, split="test", limit=None):
     "Write results/predictions of a model that gets a share `right` of the gold labels."
     e, limit = cfg.evaluation, limit or cfg.evaluation.limit
-    res = {"name": name, "protocol": {"limit": limit, "split": split}, "datasets": {}}
+    res = {"name": name, "datasets": {},
+           "protocol": {"limit": limit, "split": split, "shots": e.shots, "max_chars": e.max_chars, "fixed": e.fixed}}
     for d in datasets:
         res["datasets"][d] = {"seeds": {}}
         for s in seeds:
@@ -109,6 +110,35 @@ def test_summary_of_made_up_predictions(sentibench_root, tmp_path, monkeypatch):
     # a model right on 95% of the examples predicts each label about as often as it is gold
     for label, g in shares["gold"]["sc/twitter"].items():
         assert shares["models"]["teacher"]["sc/twitter"].get(label, 0) == pytest.approx(g, abs=0.1)
+
+
+def test_summary_against_another_replication_pairs_each_model_with_its_namesake(sentibench_root, tmp_path,
+                                                                                 monkeypatch):
+    """v3 against v2: each model of v3 paired with v2's model of that name on the seeds both have; the same answers
+    differ by exactly 0, a better student's lead is beyond the noise, and a folder scored otherwise is refused."""
+    ds = ["sc/sst2", "sc/twitter"]
+    cfg = load_config(ROOT / "configs" / "replication.yaml", {"evaluation.limit": 40, "evaluation.datasets": ds})
+    v2, v3, rng = tmp_path / "replication", tmp_path / "replication-paper", np.random.default_rng(3)
+    _fake_evaluation(v2 / "evals" / "test", "base_student", cfg, ds, [42, 52], 0.5, rng)
+    _fake_evaluation(v2 / "evals" / "test", "full", cfg, ds, [42, 52, 62], 0.5, rng)
+    _fake_evaluation(v2 / "evals" / "test", "full_300", cfg, ds, [42], 0.5, rng)  # v3 has none: not compared
+    shutil.copytree(v2 / "evals", v3 / "evals", ignore=shutil.ignore_patterns("full*"))  # base_student: reused
+    _fake_evaluation(v3 / "evals" / "test", "full", cfg, ds, [42, 52], 0.95, rng)
+    monkeypatch.setattr(replicate, "RESULTS", v3)
+    against = replicate.summarise(cfg, against=v2)["against"]
+    assert against["folder"] == str(v2) and set(against["models"]) == {"replication/base_student", "replication/full"}
+    assert against["models"]["replication/full"]["seeds"] == [42, 52, 62]
+    d = against["differences"]
+    assert set(d) == {"base_student - replication/base_student", "full - replication/full"}
+    assert d["base_student - replication/base_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "seeds": [42, 52]}
+    assert d["full - replication/full"]["seeds"] == [42, 52] and d["full - replication/full"]["ci95"][0] > 0
+    saved = json.loads((v3 / "summary.json").read_text())
+    assert saved["against"] == json.loads(json.dumps(against)) and "replication/full" not in saved["models"]
+    res = json.loads((v2 / "evals" / "test" / "full.json").read_text())
+    res["protocol"]["shots"] += 1  # v2 scored with another number of shots: no pairing on other prompts
+    write_json(v2 / "evals" / "test" / "full.json", res)
+    with pytest.raises(replicate.CompeffdistError, match="was scored with"):
+        replicate.summarise(cfg, against=v2)
 
 
 def test_validation_summary_pairs_each_sweep_student_with_the_base_student(sentibench_root, tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ the same machine.
                                                          # another replication (same weights, same protocol)
     python tools/replicate.py summary                    # results/replication/summary.json from the predictions
                                                          # (and summary.val.json: the sweep against the base student)
+    python tools/replicate.py summary --config configs/replication-paper.yaml --against results/replication
+                                                         # v3's summary, each model paired with v2's namesake
 
 The corpus itself is built (in slices, each committed) by
 `compeffdist run --config configs/replication.yaml --until difficulty --max-minutes 60`.
@@ -353,8 +355,6 @@ def reuse(cfg, source: Path, names: list[str], split: str = "test") -> list[str]
     evaluates: the untrained student and the teacher do not depend on the corpus, so v3 need not score them again.
     The copies keep the source's results and predictions byte for byte; this folder's summary then stands alone."""
     e = cfg.evaluation
-    want = {"split": split, "shots": e.shots, "limit": protocol(cfg, split)["limit"], "max_chars": e.max_chars,
-            "fixed": e.fixed}
     out = RESULTS / "evals" / split
     for name in names:
         src = result_path(source / "evals" / split, name, split)
@@ -365,8 +365,7 @@ def reuse(cfg, source: Path, names: list[str], split: str = "test") -> list[str]
         res, model = read_json(src), getattr(cfg, REUSABLE[name]).model
         if res["identity"] != (identity := resolve_model(model).identity):
             raise CompeffdistError(f"{src} scored {res['identity']}; this config's {name} is {identity}")
-        if (got := {k: res["protocol"].get(k) for k in want}) != want:
-            raise CompeffdistError(f"{src} was scored with {got}; this config scores with {want}")
+        same_protocol(cfg, res, src, split)
         if missing := sorted(set(resolve_datasets(e.datasets)) - set(res["datasets"])):
             raise CompeffdistError(f"{src} has no scores on {', '.join(missing)}")
         for d, entry in res["datasets"].items():
@@ -393,16 +392,31 @@ def protocol(cfg, split: str) -> dict:
     return {"split": "test", "limit": e.limit, "seeds": e.seeds} if split == "test" else VAL
 
 
-def scored_cells(cfg, split: str = "test") -> dict[str, dict[tuple[str, int], list[str]]]:
-    "Model -> (dataset, seed) -> predictions, for every evaluation of the split in results/replication."
+def same_protocol(cfg, res: dict, source: Path, split: str) -> None:
+    "Refuse an evaluation `res` (read from `source`) that was not scored with this config's protocol on `split`."
+    e = cfg.evaluation
+    want = {"split": split, "shots": e.shots, "limit": protocol(cfg, split)["limit"], "max_chars": e.max_chars,
+            "fixed": e.fixed}
+    if (got := {k: res["protocol"].get(k) for k in want}) != want:
+        raise CompeffdistError(f"{source} was scored with {got}; this config scores with {want}")
+
+
+def scored_cells(cfg, split: str = "test", folder: Path | None = None,
+                 prefix: str = "") -> dict[str, dict[tuple[str, int], list[str]]]:
+    """Model -> (dataset, seed) -> predictions, for every evaluation of the split in this replication's results
+    folder, or in another one's (`folder`, its models named `prefix` + name, each checked for this config's
+    protocol)."""
     out: dict = {}
-    limit = protocol(cfg, split)["limit"]
-    for res_file in sorted((RESULTS / "evals" / split).glob("*.json")):
+    evals, limit = (folder or RESULTS) / "evals" / split, protocol(cfg, split)["limit"]
+    for res_file in sorted(evals.glob("*.json")):
         res = read_json(res_file)
+        if folder is not None:
+            same_protocol(cfg, res, res_file, split)
         for d, entry in res["datasets"].items():
             for s in entry["seeds"]:
-                rows = read_jsonl(prediction_path(RESULTS / "evals" / split, res["name"], d, int(s), split))
-                out.setdefault(res["name"], {})[(d, int(s))] = [r["prediction"].strip().lower() for r in rows][:limit]
+                rows = read_jsonl(prediction_path(evals, res["name"], d, int(s), split))
+                out.setdefault(prefix + res["name"], {})[(d, int(s))] = \
+                    [r["prediction"].strip().lower() for r in rows][:limit]
     return out
 
 
@@ -444,36 +458,68 @@ def bootstrap_mean(cfg, weights: dict[str, float], cells: dict, seeds: list[int]
     return statistic(*data), [round(float(ci.low), 2), round(float(ci.high), 2)]
 
 
-def summarise(cfg, split: str = "test") -> dict:
+def summarise(cfg, split: str = "test", against: Path | None = None) -> dict:
     """results/replication/summary.json: every model scored on test (mean and 95% interval over examples and its
     seeds), and the paired differences of `PAIRS` over the seeds both models have. With `split="val"`, the same for
-    the sweep's students (summary.val.json), each paired with the base student."""
+    the sweep's students (summary.val.json), each paired with the base student. With `against`, another
+    replication's results folder scored with the same protocol (v2's for v3): its models, named `<folder>/<model>`,
+    and each model both folders have paired with its namesake there (`full - replication/full`), in `against`."""
     e = cfg.evaluation
     cells = scored_cells(cfg, split)
-    datasets = resolve_datasets(e.datasets)
-    models, diffs = {}, {}
     trainings = read_json(RESULTS / "trainings.json") if (RESULTS / "trainings.json").is_file() else {}
-    for m, got in cells.items():
-        seeds = sorted({s for (_, s) in got if all((d, s) in got for d in datasets)})
-        if not seeds:
-            continue
-        mean, ci95 = bootstrap_mean(cfg, {m: 1}, cells, seeds, split=split)
-        models[m] = {"mean": round(float(mean), 2), "ci95": ci95, "seeds": seeds,
-                     "n_samples": trainings.get(m, {}).get("samples"),
-                     "per_seed": {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)], split), 2)
-                                           for d in datasets} for s in seeds}}
+    models = {m: row | {"n_samples": trainings.get(m, {}).get("samples"),
+                        "per_seed": per_seed_scores(cfg, got, row["seeds"], split)}
+              for m, got in cells.items() if (row := model_row(cfg, m, cells, split))}
     pairs = PAIRS if split == "test" else [(m, "base_student") for m in models if m != "base_student"]
+    summary = {"protocol": {**protocol(cfg, split), "shots": e.shots, "max_chars": e.max_chars,
+                            "datasets": resolve_datasets(e.datasets)},
+               "models": models, "differences": paired_differences(cfg, cells, models, pairs, split)}
+    if split == "test":
+        summary["label_shares"] = label_shares(cfg, cells, models)
+    if against is not None:
+        summary["against"] = compare_with(cfg, against, cells, models, split)
+    write_json(RESULTS / ("summary.json" if split == "test" else f"summary.{split}.json"), summary)
+    return summary
+
+
+def model_row(cfg, m: str, cells: dict, split: str) -> dict | None:
+    "Model `m`'s mean and 95% interval over the seeds it has on every dataset (None: no such seed)."
+    datasets, got = resolve_datasets(cfg.evaluation.datasets), cells[m]
+    seeds = sorted({s for (_, s) in got if all((d, s) in got for d in datasets)})
+    if not seeds:
+        return None
+    mean, ci95 = bootstrap_mean(cfg, {m: 1}, cells, seeds, split=split)
+    return {"mean": round(float(mean), 2), "ci95": ci95, "seeds": seeds}
+
+
+def per_seed_scores(cfg, got: dict, seeds: list[int], split: str) -> dict:
+    return {str(s): {d: round(100 * macro_f1_of(cfg, d, s, got[(d, s)], split), 2)
+                     for d in resolve_datasets(cfg.evaluation.datasets)} for s in seeds}
+
+
+def paired_differences(cfg, cells: dict, models: dict, pairs: list[tuple[str, str]], split: str) -> dict:
+    "`a - b` for each pair of scored models, over the seeds both have (pairs without a shared seed left out)."
+    diffs = {}
     for a, b in pairs:
         common = sorted(set(models.get(a, {}).get("seeds", [])) & set(models.get(b, {}).get("seeds", [])))
         if common:
             mean, ci95 = bootstrap_mean(cfg, {a: 1, b: -1}, cells, common, split=split)
             diffs[f"{a} - {b}"] = {"mean": round(float(mean), 2), "ci95": ci95, "seeds": common}
-    summary = {"protocol": {**protocol(cfg, split), "shots": e.shots, "max_chars": e.max_chars, "datasets": datasets},
-               "models": models, "differences": diffs}
-    if split == "test":
-        summary["label_shares"] = label_shares(cfg, cells, models)
-    write_json(RESULTS / ("summary.json" if split == "test" else f"summary.{split}.json"), summary)
-    return summary
+    return diffs
+
+
+def compare_with(cfg, folder: Path, cells: dict, models: dict, split: str) -> dict:
+    """The namesakes of this replication's models in another one (`<folder name>/<model>`), and each model paired with
+    its namesake there, on the seeds both scored: the same test examples, so the difference is paired."""
+    prefix = f"{Path(folder).name}/"
+    theirs = scored_cells(cfg, split, Path(folder), prefix)
+    if not theirs:
+        raise CompeffdistError(f"{Path(folder) / 'evals' / split} holds no evaluation to compare with")
+    both = cells | theirs
+    rows = {prefix + m: row for m in models if prefix + m in theirs and (row := model_row(cfg, prefix + m, both, split))}
+    pairs = [(m, prefix + m) for m in models if prefix + m in rows]
+    return {"folder": str(folder), "models": rows,
+            "differences": paired_differences(cfg, both, models | rows, pairs, split)}
 
 
 def label_shares(cfg, cells: dict, models: dict) -> dict:
@@ -502,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="comma-separated evaluation seeds (default: the config's)")
     ap.add_argument("--datasets", help="teacher: comma-separated datasets (default: the config's)")
     ap.add_argument("--from", dest="source", help="reuse: another replication's results folder, e.g. results/replication")
+    ap.add_argument("--against", help="summary: another replication's results folder to pair this one's models with, "
+                                      "e.g. results/replication (v2) for v3")
     ap.add_argument("--device", help="sweep, variants: where the students train and are scored, e.g. cuda "
                                      "(default: the config's student.device)")
     a = ap.parse_args(argv)
@@ -536,9 +584,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copied from {a.source}: {', '.join(reuse(cfg, Path(a.source), names))}")
     else:
         for split in ("val", "test"):
-            summary = summarise(cfg, split)
+            summary = summarise(cfg, split, Path(a.against) if a.against else None)
             for m, v in summary["models"].items():
                 print(f"{split:<4} {m:<26} {v['mean']:6.2f} ({v['ci95'][0]:.2f} .. {v['ci95'][1]:.2f}), "
+                      f"seeds {v['seeds']}")
+            for pair, v in summary.get("against", {}).get("differences", {}).items():
+                print(f"{split:<4} {pair:<26} {v['mean']:+6.2f} ({v['ci95'][0]:+.2f} .. {v['ci95'][1]:+.2f}), "
                       f"seeds {v['seeds']}")
     return 0
 
