@@ -116,49 +116,56 @@ def _majority(answers: Sequence[str], labels: Sequence[str]) -> tuple[str, float
     return best, n / len(answers)
 
 # %% ../nbs/14_responses.ipynb #61755a76
-def collect_responses(teacher, samples: Sequence[dict], cfg: ResponsesConfig,
-                      stats: StageStats | None = None) -> list[dict]:
-    "Teacher answers for `samples` (constrained, verified); failed ones dropped or flagged per `cfg.on_fail`."
-    stats = stats if stats is not None else StageStats()
+def _requests(samples: Sequence[dict], cfg: ResponsesConfig, stats: StageStats) -> tuple[list, list, list, list]:
+    "Per answerable sample: its index, its messages, its sampling parameters and its constraint (or None)."
     base = SamplingParams.from_config(cfg.decoding)
-    sc = cfg.self_consistency
-    sc_params = SamplingParams.from_config(cfg.decoding, n=sc, temperature=cfg.decoding.temperature or 1.0)
+    votes = SamplingParams.from_config(cfg.decoding, n=cfg.self_consistency, temperature=cfg.decoding.temperature or 1.0)
     idx, batch, params, constraints = [], [], [], []
     for i, s in enumerate(samples):
         if not isinstance(s, dict) or not isinstance(s.get("instruction"), str) or not s["instruction"].strip():
             stats.drop("sample_without_instruction"); continue
-        vote = sc > 1 and bool(labels_of(s.get("output_format")))  # self-consistency: closed-set tasks vote
+        vote = cfg.self_consistency > 1 and bool(labels_of(s.get("output_format")))  # closed-set tasks vote
         idx.append(i); batch.append([{"role": "user", "content": s["instruction"]}])
-        params.append(sc_params if vote else base)
+        params.append(votes if vote else base)
         constraints.append(constraint_for(s.get("output_format")) if cfg.constrain else None)
+    return idx, batch, params, constraints
+
+# %% ../nbs/14_responses.ipynb #resp2qq6zx
+def _judge(sample: dict, gens: Sequence, cfg: ResponsesConfig) -> dict:
+    "The response record of `sample` from its generations: the (majority) answer and its verification."
+    labels = labels_of(sample.get("output_format"))
+    rec = {**sample, "output": gens[0].text, "finish_reason": gens[0].finish_reason}
+    ver = {"ok": True, "reasons": []}
+    ok_gens = [x for x in gens if x.finish_reason != "error"]
+    if len(gens) > 1 and labels and ok_gens:
+        best, share = _majority([x.text for x in ok_gens], labels)
+        rec["output"], ver["agreement"] = best, round(share, 4)
+        rec["finish_reason"] = next(x.finish_reason for x in ok_gens if _label(x.text) == _label(best))
+    if cfg.verify or rec["finish_reason"] == "error":
+        ver["reasons"] = verify_response(sample, rec["output"], rec["finish_reason"])
+        if ver.get("agreement") is not None and ver["agreement"] <= 0.5:
+            ver["reasons"].append("no_majority")
+    ver["ok"] = not ver["reasons"]
+    return rec | {"verification": ver}
+
+# %% ../nbs/14_responses.ipynb #respj4ls86
+def collect_responses(teacher, samples: Sequence[dict], cfg: ResponsesConfig,
+                      stats: StageStats | None = None) -> list[dict]:
+    "Teacher answers for `samples` (constrained, verified); failed ones dropped or flagged per `cfg.on_fail`."
+    stats = stats if stats is not None else StageStats()
+    idx, batch, params, constraints = _requests(samples, cfg, stats)
     got = (teacher.generate(batch, params, constraints, desc="responses") if isinstance(teacher, CachedEngine)
            else teacher.generate(batch, params, constraints)) if batch else []
-    answers = dict(zip(idx, got))
     out = []
-    for i in sorted(answers):
-        s, gens = samples[i], answers[i]
-        g = gens[0]
-        rec = {**s, "output": g.text, "finish_reason": g.finish_reason}
-        ver = {"ok": True, "reasons": []}
-        labels = labels_of(s.get("output_format"))
-        if len(gens) > 1 and labels:
-            ok_gens = [x for x in gens if x.finish_reason != "error"]
-            if ok_gens:
-                best, share = _majority([x.text for x in ok_gens], labels)
-                rec["output"], ver["agreement"] = best, round(share, 4)
-                rec["finish_reason"] = next(x.finish_reason for x in ok_gens if _label(x.text) == _label(best))
-        if cfg.verify or rec["finish_reason"] == "error":
-            ver["reasons"] = verify_response(s, rec["output"], rec["finish_reason"])
-            if ver.get("agreement") is not None and ver["agreement"] <= 0.5:
-                ver["reasons"].append("no_majority")
-        ver["ok"] = not ver["reasons"]
-        rec["verification"] = ver
-        if ver["ok"]:
+    for i, gens in sorted(zip(idx, got), key=lambda x: x[0]):
+        rec = _judge(samples[i], gens, cfg)
+        reasons = rec["verification"]["reasons"]
+        if not reasons:
             out.append(rec); continue
-        for r in ver["reasons"]:
+        for r in reasons:
             stats.add(f"failed:{r}")
-        if cfg.on_fail == "drop" or "teacher_error" in ver["reasons"]:
-            stats.drop(ver["reasons"][0])
+        if cfg.on_fail == "drop" or "teacher_error" in reasons:
+            stats.drop(reasons[0])
         else:
             stats.add("flagged"); out.append(rec)
     stats.add("responses_out", len(out))
