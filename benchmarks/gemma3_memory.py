@@ -24,14 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import rss_kib  # benchmarks/memory.py: this script's folder is on sys.path
+
 GIB = 2 ** 30
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def one_row(a) -> dict:

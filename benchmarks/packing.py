@@ -23,15 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memory import rss_kib  # benchmarks/memory.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("packed", "padded")
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def one_row(a) -> dict:
