@@ -256,13 +256,36 @@ def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, mon
 def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
     "`variants --only base_student` scores the untrained student on test and trains nothing."
     evaluated, trained = [], []
-    monkeypatch.setattr(replicate, "train_settings", lambda: {"learning_rate": 5e-5, "epochs": 1, "cap": 384})
+    monkeypatch.setattr(replicate, "train_settings", lambda source=None: {"learning_rate": 5e-5, "epochs": 1, "cap": 384})
     monkeypatch.setattr(replicate, "capped_corpus", lambda cfg, cap: [])
     monkeypatch.setattr(replicate, "evaluate", lambda cfg, model, name, split, limit, seeds, *a, **k:
                         evaluated.append((name, split, seeds)) or {"mean": 0.0})
     monkeypatch.setattr(replicate, "train", lambda *a, **k: trained.append(a))
     replicate.main(["variants", "--only", "base_student", "--seeds", "42"])
     assert evaluated == [("base_student", "test", [42])] and trained == []
+
+
+def test_v3_variants_train_with_the_settings_v2s_sweep_chose_and_say_so(tmp_path, monkeypatch):
+    """`--settings-from results/replication`: v3's students train with v2's chosen settings (the two replications then
+    differ in their corpus only), and trainings.json records which sweep chose them; without either sweep, one line."""
+    committed = ROOT / "results" / "replication"
+    chosen = json.loads((committed / "sweep.json").read_text())["chosen"]
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "v3")
+    (tmp_path / "v3").mkdir()
+    monkeypatch.setattr(replicate, "SCORED", tmp_path / "v3" / "scored.jsonl")
+    monkeypatch.setattr(replicate, "use_results", lambda cfg: replicate.RESULTS)  # v3's folder, here in tmp_path
+    write_jsonl(replicate.SCORED, [{"id": "s0"}])
+    caps, trained = [], []
+    monkeypatch.setattr(replicate, "capped_corpus", lambda cfg, cap: caps.append(cap) or [{"id": "s0"}])
+    monkeypatch.setattr(replicate, "evaluate", lambda *a, **k: {"mean": 0.0})
+    monkeypatch.setattr(replicate, "train", lambda cfg, path, name, records, lr, epochs, **k:
+                        trained.append((name, lr, epochs, k["chosen_in"])))
+    replicate.main(["variants", "--config", "configs/replication-paper.yaml", "--only", "full", "--seeds", "42",
+                    "--settings-from", str(committed)])
+    assert caps == [chosen["cap"]]
+    assert trained == [("full", chosen["learning_rate"], chosen["epochs"], str(committed / "sweep.json"))]
+    with pytest.raises(replicate.CompeffdistError, match="sweep.json is missing.*--settings-from"):
+        replicate.main(["variants", "--config", "configs/replication-paper.yaml", "--only", "full", "--seeds", "42"])
 
 
 def _eval_command_spy(monkeypatch) -> list:

@@ -12,6 +12,8 @@ the same machine.
                                                          # trained on 1,000 samples of the corpus: learning rate,
                                                          # then epochs, then length cap
     python tools/replicate.py variants --only full,difficulty_10,random_10 --seeds 42,52,62   # students on test
+    python tools/replicate.py variants --config configs/replication-paper.yaml --only full,difficulty_10,random_10 \
+        --settings-from results/replication              # v3's students with the settings v2's sweep chose
     python tools/replicate.py variants --only base_student --seeds 42   # the untrained student alone, on test
     python tools/replicate.py variants --only difficulty_50,random_50 --device cuda   # students on a GPU
     python tools/replicate.py ceiling --device cuda     # the student taught the benchmark itself (train splits, in
@@ -171,9 +173,10 @@ def trained_before(cfg, records: list[dict], settings: dict) -> Path | None:
     return None
 
 
-def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epochs: float, seed: int = 0) -> Path:
+def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epochs: float, seed: int = 0,
+          chosen_in: str | None = None) -> Path:
     """Fine-tune the student on `records` (unless already trained, under this name or another); its folder under
-    `<run.out>/variants/<name>`."""
+    `<run.out>/variants/<name>`. `chosen_in`: the sweep that chose the settings, recorded with the training."""
     vdir = Path(cfg.run.out) / "variants" / name
     settings = {**cfg.training.model_dump(mode="json"), "learning_rate": lr, "epochs": epochs,
                 "seed": cfg.training.seed + seed}
@@ -186,11 +189,11 @@ def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epoc
         model = vdir / "model"
     elif model != vdir / "model":
         print(f"{name}: the student of {model.parent.name} (same samples, same settings)", flush=True)
-    record_training(name, model)
+    record_training(name, model, chosen_in)
     return model
 
 
-def record_training(name: str, model: Path) -> None:
+def record_training(name: str, model: Path, chosen_in: str | None = None) -> None:
     "Keep what a training did in results/replication/trainings.json (committed; the weights are not)."
     path, card = RESULTS / "trainings.json", read_json(model / "card.json")
     done = read_json(path) if path.is_file() else {}
@@ -198,7 +201,7 @@ def record_training(name: str, model: Path) -> None:
                   "learning_rate": card["config"]["learning_rate"], "epochs": card["config"]["epochs"],
                   "steps": card["steps"], "final_loss": card["final_loss"], "seconds": card["seconds"],
                   "resumed_from_step": card.get("resumed_from_step", 0), "bf16": card["bf16"],
-                  "device": card["device"]}
+                  "device": card["device"]} | ({"settings_chosen_in": chosen_in} if chosen_in else {})
     write_json(path, dict(sorted(done.items())))
 
 
@@ -224,12 +227,15 @@ def evaluate(cfg, model: str, name: str, split: str, limit: int, seeds: list[int
     return read_json(res_path)
 
 
-def train_settings() -> dict:
-    "The settings the variants train with: the sweep's best on validation (`sweep.json`)."
-    sweep = RESULTS / "sweep.json"
+def train_settings(source: Path | None = None) -> dict:
+    """The settings the variants train with: the best on validation of this replication's sweep (`sweep.json`), or
+    of another replication's (`source`; v3 trains with the settings v2's sweep chose, so that the two differ in their
+    corpus only). `chosen_in` says which sweep chose them."""
+    sweep = (source or RESULTS) / "sweep.json"
     if not sweep.is_file():
-        raise CompeffdistError(f"{sweep} is missing: run `python tools/replicate.py sweep` first")
-    return read_json(sweep)["chosen"]
+        raise CompeffdistError(f"{sweep} is missing: run `python tools/replicate.py sweep` first, or train with "
+                               "another replication's settings (--settings-from)")
+    return read_json(sweep)["chosen"] | {"chosen_in": str(sweep)}
 
 
 # --- the sweep ------------------------------------------------------------------------------------------------------
@@ -296,13 +302,14 @@ def variant_records(cfg, name: str, corpus: list[dict], seed: int = 0) -> list[d
     return sample_records(corpus, rate, method, s.group, s.a, s.seed + seed, s.key)
 
 
-def run_variants(cfg, config_path: str, names: list[str], seeds: list[int]) -> None:
-    tuned = train_settings()
+def run_variants(cfg, config_path: str, names: list[str], seeds: list[int], settings_from: Path | None = None) -> None:
+    tuned = train_settings(settings_from)
     corpus = capped_corpus(cfg, tuned["cap"])
     evaluate(cfg, cfg.student.model, "base_student", "test", cfg.evaluation.limit, seeds)
     for name in (n for n in names if n != "base_student"):  # the base student is scored above, untrained
         records = corpus if name == "full" else variant_records(cfg, name, corpus)
-        model = train(cfg, config_path, name, records, tuned["learning_rate"], tuned["epochs"])
+        model = train(cfg, config_path, name, records, tuned["learning_rate"], tuned["epochs"],
+                      chosen_in=tuned.get("chosen_in"))
         res = evaluate(cfg, str(model), name, "test", cfg.evaluation.limit, seeds)
         print(f"{name}: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
 
@@ -548,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="comma-separated evaluation seeds (default: the config's)")
     ap.add_argument("--datasets", help="teacher: comma-separated datasets (default: the config's)")
     ap.add_argument("--from", dest="source", help="reuse: another replication's results folder, e.g. results/replication")
+    ap.add_argument("--settings-from", help="variants: train with the settings another replication's sweep chose, "
+                                            "e.g. results/replication (default: this replication's sweep.json)")
     ap.add_argument("--against", help="summary: another replication's results folder to pair this one's models with, "
                                       "e.g. results/replication (v2) for v3")
     ap.add_argument("--device", help="sweep, variants: where the students train and are scored, e.g. cuda "
@@ -571,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                        and not (n.startswith("full_") and n[5:].isdigit())]:
             sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; known: base_student, {', '.join(VARIANTS)}, "
                      "full_<n>")
-        run_variants(cfg, a.config, names, seeds)
+        run_variants(cfg, a.config, names, seeds, Path(a.settings_from) if a.settings_from else None)
     elif a.command == "ceiling":
         run_ceiling(cfg, a.config, seeds)
     elif a.command == "teacher":
