@@ -355,7 +355,7 @@ def shard_path(output: str | os.PathLike, rank: int, world: int) -> Path:
     output = Path(output)
     return output.with_name(f"{output.name}.shard-{rank}-of-{world}.jsonl")
 
-
+# %% ../nbs/15_difficulty.ipynb #1de4x37x
 def merge_shards(output: str | os.PathLike, world: int, expected: int | None = None) -> int:
     "Concatenate the shards of `output` in rank order into `output` (atomically), remove them; return the lines."
     parts = [shard_path(output, r, world) for r in range(world)]
@@ -374,7 +374,7 @@ def merge_shards(output: str | os.PathLike, world: int, expected: int | None = N
         p.unlink()
     return n
 
-
+# %% ../nbs/15_difficulty.ipynb #1de4f3ul
 def _annotate(records: Sequence, results: Sequence) -> tuple[list[dict], Counter]:
     out, errors = [], Counter()
     for r, res in zip(records, results):

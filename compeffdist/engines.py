@@ -855,7 +855,7 @@ def _wait(self: OpenAIEngine, attempt: int, resp=None) -> float:
 class _Retry(RuntimeError):
     "One attempt failed in a way worth retrying: `(problem, response or None)`."
 
-
+# %% ../nbs/01_engines.ipynb #4e5fh9s2
 @patch
 def _restyle(self: OpenAIEngine, body: dict) -> dict:
     "The body with its JSON schema in the style the server takes (after `auto` switched to `json_object`)."
@@ -864,7 +864,7 @@ def _restyle(self: OpenAIEngine, body: dict) -> dict:
         return {**body, "response_format": self._response_format(rf["json_schema"]["schema"])}
     return body
 
-
+# %% ../nbs/01_engines.ipynb #4e5f7cns
 @patch
 def _attempt(self: OpenAIEngine, body: dict) -> dict:
     "Send `body` once: the completion, or `_Retry`, `_RequestFailed`, `CompeffdistError` (fatal)."
@@ -897,7 +897,7 @@ def _read_json(self: OpenAIEngine, resp) -> dict:
     except (ValueError, KeyError, IndexError, TypeError):
         raise _Retry("malformed response", resp) from None
 
-
+# %% ../nbs/01_engines.ipynb #4e5f25i4
 @patch
 def _post(self: OpenAIEngine, body) -> dict:
     attempt = 0

@@ -758,7 +758,7 @@ def load_results(out_dir: str | os.PathLike, split: str = "test") -> list[dict]:
     rank = {n: i for i, n in enumerate(ROLE_ORDER)}
     return sorted(out, key=lambda r: (rank.get(r["name"], len(rank)), r["name"]))
 
-
+# %% ../nbs/18_sentibench.ipynb #b062y8z2
 def _seeds(r: dict) -> list[int]:
     "The seeds a result has on every one of its datasets."
     sets = [{int(s) for s in d.get("seeds", {})} for d in r["datasets"].values()]
@@ -774,7 +774,7 @@ def _seed_cell(r: dict) -> str:
     more = sum(len(d.get("seeds", {})) > len(_seeds(r)) for d in r["datasets"].values())
     return ", ".join(map(str, _seeds(r))) + (f" (more on {more} datasets)" if more else "")
 
-
+# %% ../nbs/18_sentibench.ipynb #b062zeit
 def results_table(results: Sequence[dict]) -> str:
     """A markdown table: a row per model, a column per dataset (score = mean F1 over its seeds × 100), the mean, and
     the seeds each row has; when rows differ in seeds, also the mean on the seeds every row shares."""
