@@ -256,7 +256,8 @@ def test_a_training_repeated_under_another_name_reuses_the_student(tmp_path, mon
 def test_variants_base_student_alone_scores_it_without_training(monkeypatch):
     "`variants --only base_student` scores the untrained student on test and trains nothing."
     evaluated, trained = [], []
-    monkeypatch.setattr(replicate, "train_settings", lambda source=None: {"learning_rate": 5e-5, "epochs": 1, "cap": 384})
+    monkeypatch.setattr(replicate, "train_settings",
+                        lambda source=None: {"learning_rate": 5e-5, "epochs": 1, "cap": 384})
     monkeypatch.setattr(replicate, "capped_corpus", lambda cfg, cap: [])
     monkeypatch.setattr(replicate, "evaluate", lambda cfg, model, name, split, limit, seeds, *a, **k:
                         evaluated.append((name, split, seeds)) or {"mean": 0.0})
@@ -391,6 +392,39 @@ def test_ceiling_settings_are_chosen_on_validation_in_their_own_sweep(tmp_path, 
     out = replicate.sweep(None, "", replicate.CEILING_GRID,
                           lambda st: {**st, "val_mean": score[(st["learning_rate"], st["epochs"])]}, "ceiling_sweep.json")
     assert out["chosen"] == {"learning_rate": 2e-4, "epochs": 1} and not (tmp_path / "sweep.json").exists()
+
+
+def test_ceiling_trains_every_record_whole(sentibench_root, tmp_path, monkeypatch):
+    """The evaluation's prompts are longer than the corpus's samples: at `training.max_length` every imdb record would
+    be dropped, at `CEILING_MAX_LENGTH` none is cut; each ceiling training is asked for that cap."""
+    from compeffdist.models import load_tokenizer
+    from compeffdist.training import tokenize_records
+    cfg = load_config(ROOT / "configs" / "replication-paper.yaml", {"run.out": str(tmp_path / "run")})
+    recs, tok = replicate.ceiling_records(cfg, 160), load_tokenizer(cfg.student.model)
+    imdb = [r for r in recs if r["source"] == "sc/imdb"]
+    assert len(imdb) == 20
+    cap = cfg.training.max_length
+    with pytest.raises(replicate.CompeffdistError, match=f"no training record fits max_length={cap}"):
+        tokenize_records(tok, imdb, cap)  # every imdb prompt is longer than the corpus's cap
+    whole = tokenize_records(tok, recs, replicate.CEILING_MAX_LENGTH)[1]
+    assert whole["truncated"] == whole["dropped_too_long"] == 0 and whole["trained_samples"] == 160
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path / "results")
+    asked = []
+
+    def fake_cli(*args):  # the train command: say what it was asked, leave a model card
+        asked.append(args[args.index("--max-length") + 1])
+        write_json(Path(args[args.index("--out") + 1]) / "card.json", {
+            "data": {"hash": str(len(asked)), "trained_samples": 1}, "steps": 1, "final_loss": 0.1,
+            "config": {"learning_rate": float(args[args.index("--lr") + 1]),
+                       "epochs": float(args[args.index("--epochs") + 1])},
+            "seconds": 1.0, "bf16": False, "device": "cpu"})
+    monkeypatch.setattr(replicate, "cli", fake_cli)
+    monkeypatch.setattr(replicate, "ceiling_records", lambda cfg, n=3000: recs[:2])
+    monkeypatch.setattr(replicate, "evaluate", lambda *a, **k: {"mean": 50.0})
+    replicate.run_ceiling(cfg, "unused.yaml", [42])
+    assert asked == [str(replicate.CEILING_MAX_LENGTH)] * 5  # four sweep points and the ceiling itself
+    trainings = json.loads((tmp_path / "results" / "trainings.json").read_text())
+    assert trainings["ceiling"]["settings_chosen_in"] == str(tmp_path / "results" / "ceiling_sweep.json")
 
 
 def test_each_replication_keeps_its_own_results_folder(monkeypatch):

@@ -174,18 +174,20 @@ def trained_before(cfg, records: list[dict], settings: dict) -> Path | None:
 
 
 def train(cfg, config_path: str, name: str, records: list[dict], lr: float, epochs: float, seed: int = 0,
-          chosen_in: str | None = None) -> Path:
+          chosen_in: str | None = None, max_length: int | None = None) -> Path:
     """Fine-tune the student on `records` (unless already trained, under this name or another); its folder under
-    `<run.out>/variants/<name>`. `chosen_in`: the sweep that chose the settings, recorded with the training."""
+    `<run.out>/variants/<name>`. `chosen_in`: the sweep that chose the settings, recorded with the training;
+    `max_length`: another length cap than the config's `training.max_length`."""
     vdir = Path(cfg.run.out) / "variants" / name
     settings = {**cfg.training.model_dump(mode="json"), "learning_rate": lr, "epochs": epochs,
-                "seed": cfg.training.seed + seed}
+                "seed": cfg.training.seed + seed} | ({"max_length": max_length} if max_length else {})
     model = vdir / "model" if (vdir / "model" / "card.json").is_file() else trained_before(cfg, records, settings)
     if model is None:
         vdir.mkdir(parents=True, exist_ok=True)
         write_jsonl(vdir / "kept.jsonl", records)
         cli("train", "--config", config_path, "--data", str(vdir / "kept.jsonl"), "--out", str(vdir / "model"),
-            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(settings["seed"]), "--device", cfg.student.device)
+            "--lr", str(lr), "--epochs", str(epochs), "--seed", str(settings["seed"]), "--device", cfg.student.device,
+            "--max-length", str(settings["max_length"]))
         model = vdir / "model"
     elif model != vdir / "model":
         print(f"{name}: the student of {model.parent.name} (same samples, same settings)", flush=True)
@@ -319,6 +321,10 @@ def run_variants(cfg, config_path: str, names: list[str], seeds: list[int], sett
 # the evaluation's prompt format, about as many samples as the full corpus (an equal share from each dataset). Its
 # settings are chosen on validation as the corpus's are (on 1,000 of its samples), then it is scored on test.
 CEILING_SAMPLES = 3000
+# The evaluation's 4-shot prompts are long (texts cut to 1,200 characters each): up to about 1,530 student tokens. At
+# the corpus's `training.max_length` (768) every imdb prompt and half of yelp2's would be dropped as too long, so the
+# ceiling trains with a cap that holds them all.
+CEILING_MAX_LENGTH = 2048
 CEILING_GRID = {"learning_rate": SWEEP["learning_rate"], "epochs": SWEEP["epochs"]}
 
 
@@ -334,7 +340,8 @@ def ceiling_point(cfg, config_path: str, setting: dict) -> dict:
     "Train the ceiling's sweep samples with `setting` and score on validation: one row of ceiling_sweep.json."
     name = f"ceiling_lr{setting['learning_rate']:g}_ep{setting['epochs']:g}"
     records = ceiling_records(cfg, SWEEP_SAMPLES)
-    model = train(cfg, config_path, name, records, setting["learning_rate"], setting["epochs"])
+    model = train(cfg, config_path, name, records, setting["learning_rate"], setting["epochs"],
+                  max_length=CEILING_MAX_LENGTH)
     res, card = evaluate(cfg, str(model), name, **VAL), read_json(model / "card.json")
     print(f"{name}: val mean {res['mean']:.2f}", flush=True)
     return {"name": name, **setting, "samples": len(records), "steps": card["steps"],
@@ -345,7 +352,8 @@ def run_ceiling(cfg, config_path: str, seeds: list[int]) -> dict:
     "The ceiling: its settings chosen on validation, then trained on `CEILING_SAMPLES` and scored on test."
     chosen = sweep(cfg, config_path, CEILING_GRID, lambda s: ceiling_point(cfg, config_path, s),
                    "ceiling_sweep.json")["chosen"]
-    model = train(cfg, config_path, "ceiling", ceiling_records(cfg), chosen["learning_rate"], chosen["epochs"])
+    model = train(cfg, config_path, "ceiling", ceiling_records(cfg), chosen["learning_rate"], chosen["epochs"],
+                  chosen_in=str(RESULTS / "ceiling_sweep.json"), max_length=CEILING_MAX_LENGTH)
     res = evaluate(cfg, str(model), "ceiling", "test", cfg.evaluation.limit, seeds)
     print(f"ceiling: test mean {res['mean']:.2f} (seeds {','.join(map(str, seeds))})", flush=True)
     return res
@@ -523,7 +531,8 @@ def compare_with(cfg, folder: Path, cells: dict, models: dict, split: str) -> di
     if not theirs:
         raise CompeffdistError(f"{Path(folder) / 'evals' / split} holds no evaluation to compare with")
     both = cells | theirs
-    rows = {prefix + m: row for m in models if prefix + m in theirs and (row := model_row(cfg, prefix + m, both, split))}
+    rows = {prefix + m: row for m in models
+            if prefix + m in theirs and (row := model_row(cfg, prefix + m, both, split))}
     pairs = [(m, prefix + m) for m in models if prefix + m in rows]
     return {"folder": str(folder), "models": rows,
             "differences": paired_differences(cfg, both, models | rows, pairs, split)}
