@@ -477,8 +477,9 @@ def summarise(cfg, split: str = "test", against: Path | None = None) -> dict:
     """results/replication/summary.json: every model scored on test (mean and 95% interval over examples and its
     seeds), and the paired differences of `PAIRS` over the seeds both models have. With `split="val"`, the same for
     the sweep's students (summary.val.json), each paired with the base student. With `against`, another
-    replication's results folder scored with the same protocol (v2's for v3): its models, named `<folder>/<model>`,
-    and each model both folders have paired with its namesake there (`full - replication/full`), in `against`."""
+    replication's results folder scored with the same protocol (v2's for v3): in `against`, the namesakes there of
+    this replication's models (`replication/full`), and each model paired with its namesake
+    (`full - replication/full`)."""
     e = cfg.evaluation
     cells = scored_cells(cfg, split)
     trainings = read_json(RESULTS / "trainings.json") if (RESULTS / "trainings.json").is_file() else {}
