@@ -89,7 +89,8 @@ def test_stale_results_of_another_model_are_not_reused(tmp_path, tiny):
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
+    from pathlib import Path
     from compeffdist.core import Config, ModelConfig, RunStore
     from compeffdist.difficulty import run_difficulty
     from compeffdist.engines import RunContext
@@ -97,7 +98,9 @@ SCRIPT = textwrap.dedent("""
     cfg = Config(teacher=ModelConfig(model="x"), student=ModelConfig(model=tiny, device="cpu"))
     cfg.difficulty = cfg.difficulty.model_copy(update={"max_length": 128, "batch_size": 3})
     stats = run_difficulty(RunContext(cfg, RunStore(root), progress=False))
-    print("STATS", json.dumps({"processes": stats.info["processes"], "out": stats.counts["samples_out"]}))
+    # one file a process: two processes printing to one pipe may interleave their lines
+    Path(f"stats-{os.environ['RANK']}.json").write_text(
+        json.dumps({"processes": stats.info["processes"], "out": stats.counts["samples_out"]}))
 """)
 
 
@@ -111,7 +114,7 @@ def test_stage_under_accelerate_launch_two_processes(tmp_path, tiny):
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "stage.py"),
                            str(two.store.root), str(tiny)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("STATS")]
+    stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
     assert stats == [{"processes": 2, "out": 13}] * 2  # both processes end with the whole result
     folder = two.store.root / "difficulty"
     assert sorted(p.name for p in folder.iterdir()) == ["scored.jsonl"]  # per-process files removed
