@@ -119,7 +119,8 @@ def _majority(answers: Sequence[str], labels: Sequence[str]) -> tuple[str, float
 def _requests(samples: Sequence[dict], cfg: ResponsesConfig, stats: StageStats) -> tuple[list, list, list, list]:
     "Per answerable sample: its index, its messages, its sampling parameters and its constraint (or None)."
     base = SamplingParams.from_config(cfg.decoding)
-    votes = SamplingParams.from_config(cfg.decoding, n=cfg.self_consistency, temperature=cfg.decoding.temperature or 1.0)
+    votes = SamplingParams.from_config(cfg.decoding, n=cfg.self_consistency,
+                                       temperature=cfg.decoding.temperature or 1.0)
     idx, batch, params, constraints = [], [], [], []
     for i, s in enumerate(samples):
         if not isinstance(s, dict) or not isinstance(s.get("instruction"), str) or not s["instruction"].strip():
@@ -157,7 +158,7 @@ def collect_responses(teacher, samples: Sequence[dict], cfg: ResponsesConfig,
     got = (teacher.generate(batch, params, constraints, desc="responses") if isinstance(teacher, CachedEngine)
            else teacher.generate(batch, params, constraints)) if batch else []
     out = []
-    for i, gens in sorted(zip(idx, got), key=lambda x: x[0]):
+    for i, gens in zip(idx, got):  # idx ascends: the records keep the samples' order
         rec = _judge(samples[i], gens, cfg)
         reasons = rec["verification"]["reasons"]
         if not reasons:
